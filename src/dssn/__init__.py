@@ -1,0 +1,20 @@
+"""dssn: semi-supervised semantic segmentation with DSSN (ACM MM 2023).
+
+The stable public API (SPEC section 8) is re-exported here.
+"""
+
+from dssn.engine.evaluate import mean_iou
+from dssn.method.components import contrastive_alignment, cplg_mask, ema_update
+from dssn.models import DeepLabV3Plus, load_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeepLabV3Plus",
+    "load_weights",
+    "cplg_mask",
+    "contrastive_alignment",
+    "ema_update",
+    "mean_iou",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from dssn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""Typed run configuration: YAML presets, user files, ``key=value`` overrides.
+
+A config is built in three layers, each overriding the one before:
+the packaged preset (or a user YAML, which may name a preset as ``base``),
+then command-line overrides. Every mistake is reported with the key path,
+the file it came from and, for unknown keys, the closest valid names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dssn.errors import DssnError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(DssnError, ValueError):
+    """A config file or override is invalid; the message says where and how to fix it."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are caught earlier with suggestions; forbid here as a safety net.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    pretrained: str | None = None
+    """ImageNet backbone weights in the released naming (local file)."""
+    output_stride: Literal[8, 16] = 16
+    dilations: tuple[int, int, int] = (6, 12, 18)
+    decoder_channels: int = 256
+
+
+class DataConfig(_Section):
+    dataset: Literal["pascal", "cityscapes", "coco", "synthetic"] = "pascal"
+    root: str = "data/VOC2012"
+    num_classes: int = 21
+    class_names: list[str] | None = None
+    labeled_split: str = "splits/732/labeled.txt"
+    """Split files: paths relative to ``root`` unless absolute."""
+    unlabeled_split: str | None = "splits/732/unlabeled.txt"
+    val_split: str = "splits/val.txt"
+    crop_size: int = 513
+    strong_ops: bool = True
+    """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
+    num_workers: int = 4
+
+
+class MethodConfig(_Section):
+    name: Literal["dssn", "fixmatch", "supervised"] = "dssn"
+    selection: Literal["cplg", "threshold"] = "cplg"
+    tau_low: float = 0.92
+    ratio: float = 0.96
+    threshold: float = 0.95
+    """Confidence threshold for ``selection: threshold`` and for ``fixmatch``."""
+    loss_image: bool = True
+    """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
+    loss_feature: bool = True
+    """L_fp: the student's weak prediction supervises the perturbed feature streams."""
+    align_image: bool = True
+    align_feature: bool = True
+    lambda_c: float = 0.005
+    weight_x: float = 0.5
+    weight_u: float = 0.125
+    ema_momentum: float = 0.996
+    teacher_bn: Literal["batch", "running"] = "batch"
+    warmup_steps: int = 1
+    warmup_epochs: float = 0.0
+    """L_s is left out until both warm-ups have passed."""
+
+
+class TrainConfig(_Section):
+    epochs: int = 100
+    iters: int | None = None
+    """Total iterations; overrides ``epochs`` when set."""
+    batch_size: int = 2
+    """Labeled images per step."""
+    batch_size_unlabeled: int = 2
+    lr: float = 0.002
+    lr_multi: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    labeled_loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default)."""
+    eval_every: int = 1
+    """Evaluate every N epochs (and always at the end)."""
+    log_every: int = 20
+    progress: bool = True
+
+
+class EvalConfig(_Section):
+    mode: Literal["whole", "center_crop", "sliding"] = "whole"
+    crop_size: int | None = None
+    """Window / crop size; defaults to ``data.crop_size``."""
+    stride_ratio: float = 2 / 3
+    batch_size: int = 1
+
+
+class Config(_Section):
+    name: str = "run"
+    run_dir: str | None = None
+    """Output folder; default ``runs/<name>-<method>-<time>``."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _resolve_source(source: str) -> Path:
+    """A preset name (``pascal``) or a path to a YAML file."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{source}' not found; presets are: {', '.join(preset_names())}")
+        return path
+    preset = PRESETS_DIR / f"{source}.yaml"
+    if not preset.is_file():
+        close = difflib.get_close_matches(source, preset_names(), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"'{source}' is neither a config file nor a preset.{hint} Presets: {', '.join(preset_names())}"
+        )
+    return preset
+
+
+def _load_layered(source: str, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    path = _resolve_source(source).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data, str(path)
+    base_data, _ = _load_layered(str(base), seen + (path,))
+    return deep_merge(base_data, data), str(path)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(data: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
+    """Reject unknown keys, naming the closest valid ones (pydantic alone does not suggest)."""
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        fields = model.model_fields
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(path, valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown key '{path}'{hint} Valid keys here: {', '.join(valid)}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{path}' is a section; give its keys, e.g. {path}.<key>=...")
+            _check_keys(value, annotation, where, prefix=f"{path}.")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "method.name=fixmatch"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any], where: str = "config") -> Config:
+    _check_keys(data, Config, where)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})") from None
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file and apply ``key=value`` overrides."""
+    data, where = _load_layered(source)
+    _check_keys(data, Config, where)
+    if overrides:
+        extra = parse_overrides(overrides)
+        _check_keys(extra, Config, "command line")
+        data = deep_merge(data, extra)
+        where = f"{where} + command line"
+    return build_config(data, where)

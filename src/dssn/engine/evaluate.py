@@ -1,0 +1,160 @@
+"""Evaluation (SPEC 6): confusion-matrix mIoU over the whole set, three inference modes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = 255
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``[C, C]`` int64 counts, rows = ground truth, columns = prediction; 255 excluded."""
+    valid = target != IGNORE
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def mean_iou(confusion: Tensor) -> tuple[float, Tensor]:
+    """``(mIoU, per-class IoU)`` in [0, 1] from an accumulated confusion matrix.
+
+    A class absent from both ground truth and prediction has no IoU (NaN) and is
+    left out of the mean rather than counted as 0 or 1.
+    """
+    confusion = confusion.double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    per_class = torch.where(union > 0, intersection / union.clamp_min(1), torch.nan)
+    present = ~per_class.isnan()
+    miou = per_class[present].mean().item() if present.any() else float("nan")
+    return miou, per_class
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering ``[0, size)``; the last window is shifted inward so all are full."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    return starts + [size - window]
+
+
+def sliding_window_logits(model: nn.Module, image: Tensor, num_classes: int, window: int,
+                          stride: int, batch_size: int = 8) -> Tensor:
+    """Sum of softmax probabilities over overlapping windows, the windows run in batches."""
+    b, _, h, w = image.shape
+    win_h, win_w = min(window, h), min(window, w)
+    boxes = [(r, c) for r in window_starts(h, win_h, stride) for c in window_starts(w, win_w, stride)]
+    total = image.new_zeros((b, num_classes, h, w))
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i : i + batch_size]
+        crops = torch.cat([image[:, :, r : r + win_h, c : c + win_w] for r, c in chunk])
+        probs = model(crops).softmax(dim=1).split(b)
+        for (r, c), prob in zip(chunk, probs):
+            total[:, :, r : r + win_h, c : c + win_w] += prob
+    return total
+
+
+def center_crop(tensor: Tensor, size: int) -> Tensor:
+    h, w = tensor.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return tensor[..., top : top + size, left : left + size]
+
+
+def predict(model: nn.Module, image: Tensor, num_classes: int, mode: str = "whole",
+            crop_size: int | None = None, stride_ratio: float = 2 / 3) -> Tensor:
+    """Class scores ``[B, C, H, W]`` for one batch (for ``center_crop``, of the crop)."""
+    if mode == "whole":
+        return model(image)
+    if crop_size is None:
+        raise ValueError(f"eval mode '{mode}' needs a crop size (eval.crop_size)")
+    if mode == "center_crop":
+        return model(center_crop(image, crop_size))
+    if mode == "sliding":
+        stride = max(1, math.ceil(crop_size * stride_ratio))
+        return sliding_window_logits(model, image, num_classes, crop_size, stride)
+    raise ValueError(f"unknown eval mode '{mode}' (whole, center_crop, sliding)")
+
+
+@dataclass
+class EvalResult:
+    confusion: Tensor
+    miou: float
+    per_class: Tensor
+
+    def summary(self, class_names: list[str] | None = None) -> dict:
+        names = class_names or [str(i) for i in range(len(self.per_class))]
+        return {
+            "miou": self.miou * 100,
+            "per_class": {n: (None if math.isnan(v) else v * 100) for n, v in zip(names, self.per_class.tolist())},
+        }
+
+
+@torch.inference_mode()
+def evaluate(models: dict[str, nn.Module], batches: Iterable, num_classes: int, device: torch.device,
+             mode: str = "whole", crop_size: int | None = None, stride_ratio: float = 2 / 3) -> dict[str, EvalResult]:
+    """Score several models in one pass over ``(image, mask, ...)`` batches."""
+    confusions = {name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) for name in models}
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        for image, mask, *_ in batches:
+            image, mask = image.to(device), mask.to(device)
+            if mode == "center_crop":
+                mask = center_crop(mask, crop_size)
+            for name, model in models.items():
+                pred = predict(model, image, num_classes, mode, crop_size, stride_ratio).argmax(dim=1)
+                confusions[name] += confusion_matrix(pred, mask, num_classes)
+    finally:
+        for name, m in models.items():
+            m.train(was_training[name])
+    results = {}
+    for name, conf in confusions.items():
+        miou, per_class = mean_iou(conf.cpu())
+        results[name] = EvalResult(conf.cpu(), miou, per_class)
+    return results
+
+
+def evaluate_checkpoint(checkpoint: str, config: str | None = None,
+                        overrides: list[str] | None = None) -> dict[str, dict]:
+    """Score every network in a checkpoint on the configured validation split.
+
+    A dssn checkpoint carries its own config (overrides apply on top); a bare
+    state dict (e.g. a released ``.pth``) needs ``config`` to say what it is.
+    """
+    from dssn.config import ConfigError, build_config, deep_merge, load_config, parse_overrides
+    from dssn.data import build_val_dataset, class_names_for
+    from dssn.engine.checkpoint import load_checkpoint
+    from dssn.engine.trainer import make_loader, resolve_device
+    from dssn.models import build_model, load_weights
+
+    state = load_checkpoint(checkpoint) if config is None else None
+    if config is not None:
+        cfg = load_config(config, overrides)
+    elif isinstance(state, dict) and "config" in state:
+        cfg = build_config(deep_merge(state["config"], parse_overrides(overrides or [])), f"{checkpoint} config")
+    else:
+        raise ConfigError(f"'{checkpoint}' carries no config; say what it is with --config PRESET_OR_YAML")
+    device = resolve_device(cfg.train.device)
+    models = {}
+    if state is not None and "models" in state:
+        for name, sd in state["models"].items():
+            model = build_model(cfg)
+            model.load_state_dict(sd)
+            models[name] = model.to(device)
+    else:
+        model = build_model(cfg)
+        load_weights(model, checkpoint)
+        models["model"] = model.to(device)
+    e = cfg.eval
+    loader = make_loader(build_val_dataset(cfg), e.batch_size, False, 0, min(cfg.data.num_workers, 2), device,
+                         drop_last=False)
+    results = evaluate(models, loader, cfg.data.num_classes, device, e.mode, e.crop_size or cfg.data.crop_size,
+                       e.stride_ratio)
+    names = class_names_for(cfg)
+    return {name: r.summary(names) for name, r in results.items()}

@@ -1,0 +1,51 @@
+"""Where a run reports: a progress bar, TensorBoard scalars and a JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` (one JSON object per line) and TensorBoard events under ``tb/``."""
+
+    def __init__(self, run_dir: Path, total_iters: int, progress: bool = True) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+        self.run_dir = run_dir
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.bar = tqdm(total=total_iters, disable=not progress, dynamic_ncols=True, unit="it")
+        self.start = time.perf_counter()
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record["time"] = round(time.perf_counter() - self.start, 3)
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def log_train(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.tb.add_scalar(f"train/{name}", value, step)
+        self._write({"kind": "train", "step": step, **scalars})
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()}, refresh=False)
+
+    def log_eval(self, step: int, epoch: int, summary: dict[str, dict[str, Any]]) -> None:
+        for model, result in summary.items():
+            self.tb.add_scalar(f"eval/{model}/miou", result["miou"], step)
+            for cls, iou in result["per_class"].items():
+                if iou is not None:
+                    self.tb.add_scalar(f"eval/{model}/iou/{cls}", iou, step)
+        self._write({"kind": "eval", "step": step, "epoch": epoch, **summary})
+        text = "  ".join(f"{m} mIoU {r['miou']:.2f}" for m, r in summary.items())
+        self.bar.write(f"[step {step} epoch {epoch}] {text}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+        self.jsonl.close()

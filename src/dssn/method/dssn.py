@@ -1,0 +1,127 @@
+"""DSSN: one training step, SPEC section 3, top to bottom.
+
+The numbered comments are SPEC 3's steps; the helpers are in ``components.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from dssn.config import MethodConfig, TrainConfig
+from dssn.method.base import Batch, Method
+from dssn.method.components import (
+    IGNORE,
+    contrastive_alignment,
+    cplg_mask,
+    cutmix,
+    ema_update,
+    labeled_loss,
+    masked_unlabeled_ce,
+    threshold_mask,
+)
+
+
+class DSSN(Method):
+    name = "dssn"
+
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+                 iters_per_epoch: int = 1) -> None:
+        super().__init__(student)
+        self.cfg = cfg
+        self.train_cfg = train_cfg
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.warmup_steps = max(cfg.warmup_steps, round(cfg.warmup_epochs * iters_per_epoch))
+        # The perturbed feature streams exist only for L_fp and the feature-level alignment.
+        self.n_perturb = 2 if (cfg.loss_feature or cfg.align_feature) else 0
+
+    def select(self, logits: Tensor) -> Tensor:
+        if self.cfg.selection == "cplg":
+            return cplg_mask(logits, self.cfg.tau_low, self.cfg.ratio)
+        return threshold_mask(logits, self.cfg.threshold)
+
+    @torch.no_grad()
+    def teacher_logits(self, w_mix: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher predictions on the donor's and the image's weak views (step 2)."""
+        if self.cfg.teacher_bn == "running":
+            self.teacher.eval()  # running statistics: one batched pass is exact
+            t_mix, t = self.teacher(torch.cat((w_mix, w))).chunk(2)
+            return t_mix, t
+        self.teacher.train()  # as released: batch statistics, each batch on its own
+        return self.teacher(w_mix), self.teacher(w)
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x, y = batch.labeled
+        u, u_mix = batch.unlabeled, batch.mix
+        n_x = x.shape[0]
+
+        # 1. Mix the strong views with the partner image's.
+        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
+        s2 = cutmix(u["s2"], u_mix["s2"], u["b2"])
+
+        # 2. Teacher on both weak views, no gradient.
+        t_mix, t = self.teacher_logits(u_mix["w"], u["w"])
+
+        # 3. Mixed teacher logits, pseudo labels and ignore masks.
+        t1 = cutmix(t, t_mix, u["b1"])
+        t2 = cutmix(t, t_mix, u["b2"])
+        y1, y2 = t1.argmax(dim=1), t2.argmax(dim=1)
+        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
+        ign2 = cutmix(u["ign"], u_mix["ign"], u["b2"])
+
+        # 4. Student on labeled + weak, with the perturbed feature streams, one pass.
+        if self.n_perturb:
+            p, (f1, f2) = self.student(torch.cat((x, u["w"])), n_perturb=self.n_perturb)
+            f1, f2 = f1[n_x:], f2[n_x:]
+        else:
+            p = self.student(torch.cat((x, u["w"])))
+        p_x, p_w = p[:n_x], p[n_x:].detach()
+        y_w = p_w.argmax(dim=1)
+
+        # 5. Student on both strong views, one pass.
+        q1, q2 = self.student(torch.cat((s1, s2))).chunk(2)
+
+        # 6. Class-aware selection on the weak prediction and both mixed teacher predictions.
+        m_w, m1, m2 = self.select(p_w), self.select(t1), self.select(t2)
+
+        # 7. Losses.
+        zero = p_x.new_zeros(())
+        loss_x = labeled_loss(p_x, y, self.train_cfg.labeled_loss,
+                              self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
+        use_s = cfg.loss_image and step >= self.warmup_steps
+        loss_s = (masked_unlabeled_ce(q1, y1, m1, ign1) + masked_unlabeled_ce(q2, y2, m2, ign2)
+                  if use_s else zero)
+        loss_fp = (masked_unlabeled_ce(f1, y_w, m_w, u["ign"]) + masked_unlabeled_ce(f2, y_w, m_w, u["ign"])
+                   if cfg.loss_feature else zero)
+        align_img = contrastive_alignment(q1, q2) if cfg.align_image else zero
+        align_feat = contrastive_alignment(f1, f2) if cfg.align_feature else zero
+        loss_c = align_img + align_feat
+        loss = cfg.weight_x * loss_x + cfg.weight_u * (loss_s + loss_fp) + cfg.lambda_c * loss_c
+
+        return {
+            "loss": loss,
+            "x": loss_x.detach(),
+            "s": loss_s.detach(),
+            "fp": loss_fp.detach(),
+            "c_img": align_img.detach(),
+            "c_feat": align_feat.detach(),
+            "selected_w": _selected_fraction(m_w, u["ign"]),
+            "selected_t": _selected_fraction(m1, ign1),
+        }
+
+    def after_optimizer_step(self, step: int) -> None:
+        # 9. EMA teacher; on the very first step it becomes a copy of the student.
+        ema_update(self.teacher, self.student, 0.0 if step == 0 else self.cfg.ema_momentum)
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+
+def _selected_fraction(selected: Tensor, ignore: Tensor) -> Tensor:
+    valid = ignore != IGNORE
+    return ((selected & valid).sum() / valid.sum().clamp_min(1)).detach()

@@ -1,0 +1,54 @@
+"""FixMatch as UniMatch and DSSN compare against it (SPEC 4b): no teacher, fixed threshold."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dssn.config import MethodConfig, TrainConfig
+from dssn.method.base import Batch, Method
+from dssn.method.components import IGNORE, cutmix, labeled_loss
+
+
+class FixMatch(Method):
+    name = "fixmatch"
+
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig) -> None:
+        super().__init__(student)
+        self.cfg = cfg
+        self.train_cfg = train_cfg
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        x, y = batch.labeled
+        u, u_mix = batch.unlabeled, batch.mix
+        n_x = x.shape[0]
+
+        # The donor's prediction: student in eval mode, no gradient.
+        self.student.eval()
+        with torch.no_grad():
+            conf_mix, y_mix = self.student(u_mix["w"]).softmax(dim=1).max(dim=1)
+        self.student.train()
+
+        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
+        p = self.student(torch.cat((x, u["w"])))
+        p_x, p_w = p[:n_x], p[n_x:].detach()
+        q1 = self.student(s1)
+
+        conf_w, y_w = p_w.softmax(dim=1).max(dim=1)
+        conf1 = cutmix(conf_w, conf_mix, u["b1"])
+        y1 = cutmix(y_w, y_mix, u["b1"])
+        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
+
+        loss_x = labeled_loss(p_x, y, self.train_cfg.labeled_loss,
+                              self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
+        valid = ign1 != IGNORE
+        selected = (conf1 >= self.cfg.threshold) & valid
+        loss_u = (F.cross_entropy(q1, y1, reduction="none") * selected).sum() / valid.sum().clamp_min(1)
+        loss = (loss_x + loss_u) / 2
+        return {
+            "loss": loss,
+            "x": loss_x.detach(),
+            "u": loss_u.detach(),
+            "selected_w": (selected.sum() / valid.sum().clamp_min(1)).detach(),
+        }

@@ -1,0 +1,30 @@
+"""Segmentation network (DeepLabV3+ on ResNet-v1c) and safe weight loading."""
+
+from dssn.models.deeplabv3plus import DeepLabV3Plus
+from dssn.models.resnet import ResNet, build_backbone
+from dssn.models.weights import (
+    LoadReport,
+    WeightsError,
+    load_backbone_weights,
+    load_state_dict_file,
+    load_weights,
+)
+
+__all__ = [
+    "build_model",
+    "DeepLabV3Plus",
+    "LoadReport",
+    "ResNet",
+    "WeightsError",
+    "build_backbone",
+    "load_backbone_weights",
+    "load_state_dict_file",
+    "load_weights",
+]
+
+
+def build_model(cfg) -> DeepLabV3Plus:
+    """The network a ``dssn.config.Config`` describes."""
+    m = cfg.model
+    return DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
+                         dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels)

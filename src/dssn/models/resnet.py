@@ -1,0 +1,186 @@
+"""ResNet "v1c" backbone (deep 3x3 stem) for DeepLabV3+.
+
+Module names follow the authors' release (UniMatch / DSSN), so their
+ImageNet backbone files and full checkpoints load key for key:
+``conv1.{0,1,3,4,6}``, ``bn1``, ``layer1..layer4`` with blocks named
+``conv1/bn1/conv2/bn2[/conv3/bn3]/downsample.{0,1}``. There is no ``fc``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+__all__ = ["BackboneFeatures", "BasicBlock", "Bottleneck", "ResNet", "build_backbone", "BACKBONES"]
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    # padding = dilation keeps the spatial size for stride 1 at any dilation.
+    return nn.Conv2d(
+        in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+    )
+
+
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; used by the small resnet18/34 variants for CPU demos."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 block with the stride on the 3x3 conv (the "v1.5"/"v1c" choice)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class BackboneFeatures(NamedTuple):
+    """The two feature maps DeepLabV3+ decodes."""
+
+    c1: Tensor  # layer1 output, stride 4
+    c4: Tensor  # layer4 output, stride output_stride
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+# Which of (layer2, layer3, layer4) trade their stride for dilation.
+_DILATE = {8: (False, True, True), 16: (False, False, True)}
+
+
+class ResNet(nn.Module):
+    """ResNet-v1c returning ``(c1, c4)``.
+
+    Dilated stages follow the released code (torchvision convention): the
+    first block of a dilated stage keeps the previous dilation and only the
+    following blocks use the new one; its 1x1 downsample has stride 1.
+    """
+
+    def __init__(self, block: Block, layers: list[int], output_stride: int = 16) -> None:
+        super().__init__()
+        if output_stride not in _DILATE:
+            raise ValueError(f"output_stride must be one of {sorted(_DILATE)}, got {output_stride}")
+        self.output_stride = output_stride
+        self.low_channels = 64 * block.expansion
+        self.high_channels = 512 * block.expansion
+
+        self.conv1 = nn.Sequential(
+            _conv3x3(3, 64, stride=2),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            _conv3x3(64, 64),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            _conv3x3(64, 128),
+        )
+        self.bn1 = nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        self._inplanes = 128
+        self._dilation = 1
+        dilate2, dilate3, dilate4 = _DILATE[output_stride]
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1, dilate=False)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=dilate2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate3)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate4)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(
+        self, block: Block, planes: int, blocks: int, stride: int, dilate: bool
+    ) -> nn.Sequential:
+        first_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        out_ch = planes * block.expansion
+        downsample = None
+        if stride != 1 or self._inplanes != out_ch:
+            downsample = nn.Sequential(
+                _conv1x1(self._inplanes, out_ch, stride), nn.BatchNorm2d(out_ch)
+            )
+        modules = [block(self._inplanes, planes, stride, first_dilation, downsample)]
+        self._inplanes = out_ch
+        modules += [block(out_ch, planes, dilation=self._dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> BackboneFeatures:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c1 = self.layer1(x)
+        c4 = self.layer4(self.layer3(self.layer2(c1)))
+        return BackboneFeatures(c1, c4)
+
+
+BACKBONES: dict[str, tuple[Block, list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}
+
+
+def build_backbone(name: str, output_stride: int = 16) -> ResNet:
+    """Build a randomly initialised ResNet-v1c by name (resnet18/34/50/101)."""
+    try:
+        block, layers = BACKBONES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}"
+        ) from None
+    return ResNet(block, layers, output_stride=output_stride)
