@@ -1,0 +1,572 @@
+"""A built-in synthetic segmentation dataset stored in the PASCAL VOC layout.
+
+Why it exists: ``dssn demo`` needs a dataset that downloads nothing, trains in
+minutes on a CPU and is still a *fair* test of semi-supervised learning. Each
+object class has a characteristic shape family and texture, while colours are
+drawn per instance from one shared palette (also used by the background
+clutter), so colour alone says nothing about the class and a network has to
+learn texture and shape from examples. Class frequencies are long-tailed so
+that 1/16 of the labels leaves the rare classes badly under-represented.
+
+The dataset is written once to disk in the same layout as PASCAL VOC
+(``JPEGImages``, palette-PNG ``SegmentationClass`` with 255 on a 1-pixel band
+around objects, split files in the authors' format), so the VOC loader reads
+both. Every image is generated from its own seed derived from
+``(seed, split, index)``, so the output does not depend on generation order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+__all__ = [
+    "CLASS_NAMES",
+    "GENERATOR_VERSION",
+    "IGNORE_INDEX",
+    "NUM_CLASSES",
+    "class_frequencies",
+    "make_synthetic",
+    "render_sample",
+    "split_name",
+    "voc_palette",
+]
+
+#: Bump whenever rendering changes, so stale caches are detected.
+GENERATOR_VERSION = 1
+IGNORE_INDEX = 255
+MANIFEST_NAME = "dataset.json"
+_INCOMPLETE_MARKER = ".incomplete"
+_GENERATOR_ID = "dssn.data.synthetic"
+_OUR_ENTRIES = ("JPEGImages", "SegmentationClass", "splits", MANIFEST_NAME)
+_SPLIT_IDS = {"train": 0, "val": 1, "labeled-subset": 2}
+_JPEG_QUALITY = 90
+
+# Texture periods are in pixels at this image size. Larger images scale them
+# up; smaller ones keep them, as finer patterns would alias.
+_REFERENCE_SIZE = 96
+
+
+@dataclass(frozen=True)
+class _ObjectClass:
+    name: str
+    shape: str
+    texture: str
+    weight: float  # relative probability that an object is of this class
+
+
+# Ordered from common to rare: the weights make the pixel frequencies long-tailed.
+_OBJECT_CLASSES = (
+    _ObjectClass("disc", "disc", "stripes", 0.37),
+    _ObjectClass("square", "square", "checker", 0.25),
+    _ObjectClass("triangle", "triangle", "dots", 0.17),
+    _ObjectClass("cross", "cross", "diagonal", 0.11),
+    _ObjectClass("ring", "ring", "hatch", 0.07),
+    _ObjectClass("star", "star", "concentric", 0.03),
+)
+
+CLASS_NAMES: tuple[str, ...] = ("background",) + tuple(c.name for c in _OBJECT_CLASSES)
+NUM_CLASSES = len(CLASS_NAMES)
+
+_CLASS_PROBS = np.array([c.weight for c in _OBJECT_CLASSES])
+_CLASS_PROBS /= _CLASS_PROBS.sum()
+
+# Shared by all classes and by the background clutter, so colour is no cue.
+_PALETTE = np.array(
+    [
+        (205, 60, 50),  # red
+        (60, 160, 70),  # green
+        (50, 90, 190),  # blue
+        (225, 195, 60),  # yellow
+        (150, 70, 170),  # purple
+        (60, 170, 180),  # teal
+        (230, 130, 50),  # orange
+        (240, 238, 228),  # off-white
+        (40, 40, 48),  # near-black
+        (140, 140, 132),  # grey
+    ],
+    dtype=np.float32,
+)
+# Colour pairs with enough contrast for a texture to be visible.
+_CONTRAST_PAIRS = np.array(
+    [
+        (a, b)
+        for a in range(len(_PALETTE))
+        for b in range(len(_PALETTE))
+        if a != b and np.linalg.norm(_PALETTE[a] - _PALETTE[b]) >= 100
+    ]
+)
+
+
+def voc_palette(n: int = 256) -> list[int]:
+    """Flat ``[r, g, b, ...]`` PASCAL VOC colour map: the bits of the class index
+    are interleaved into the high bits of the three channels."""
+    palette = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+# --- shapes ---------------------------------------------------------------
+# Each takes object-frame coordinates (u, v), already rotated and scaled so the
+# shape roughly fills the unit disc, and returns a boolean mask.
+
+_COS36, _SIN36 = math.cos(math.pi / 5), math.sin(math.pi / 5)
+_STAR_INNER = 0.45
+
+
+def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Five-pointed star: fold the angle into one half-spike and test against
+    the edge from the inner vertex (angle 0) to the tip (angle 36 degrees)."""
+    rho = np.hypot(u, v)
+    folded = np.abs(np.mod(np.arctan2(v, u), 2 * math.pi / 5) - math.pi / 5)
+    px, py = rho * np.cos(folded), rho * np.sin(folded)
+    ex, ey = _COS36 - _STAR_INNER, _SIN36
+    return ex * py - ey * (px - _STAR_INNER) >= 0
+
+
+def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Equilateral triangle with circumradius 1.2 (three half-planes)."""
+    inside = np.ones(u.shape, dtype=bool)
+    for k in range(3):
+        a = math.pi / 2 + k * 2 * math.pi / 3
+        inside &= u * math.cos(a) + v * math.sin(a) <= 0.6
+    return inside
+
+
+_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "disc": lambda u, v: u * u + v * v <= 1.0,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
+    "triangle": _triangle,
+    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) <= 0.33)
+    & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),
+    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.5**2),
+    "star": _star,
+}
+
+
+# --- textures -------------------------------------------------------------
+# Each maps pixel offsets from the object centre to a mixing weight in [0, 1]
+# between the instance's two colours. Frequencies and orientations are the
+# class cue; phases and small jitters are random so no single template fits.
+
+
+def _square_wave(phase: np.ndarray) -> np.ndarray:
+    """Soft square wave: crisp stripes with a one-pixel-ish transition."""
+    return np.clip(0.5 + 2.0 * np.sin(phase), 0.0, 1.0)
+
+
+def _along(dx: np.ndarray, dy: np.ndarray, angle: float) -> np.ndarray:
+    """Coordinate along direction ``angle``."""
+    return dx * math.cos(angle) + dy * math.sin(angle)
+
+
+# Signature shared by all textures: (dx, dy, object angle, texture scale, rng).
+_Texture = Callable[[np.ndarray, np.ndarray, float, float, np.random.Generator], np.ndarray]
+
+
+def _stripes(
+    dx: np.ndarray,
+    dy: np.ndarray,
+    angle: float,
+    scale: float,
+    rng: np.random.Generator,
+    base_angle: float = math.pi / 2,
+    period: float = 6.0,
+) -> np.ndarray:
+    """Stripes at a class-specific image-frame orientation (horizontal by default)."""
+    theta = base_angle + rng.uniform(-0.2, 0.2)
+    period *= scale * rng.uniform(0.9, 1.1)
+    return _square_wave(2 * math.pi * _along(dx, dy, theta) / period + rng.uniform(0, 2 * math.pi))
+
+
+def _diagonal(
+    dx: np.ndarray, dy: np.ndarray, angle: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Fine stripes at 45 degrees (135 after a horizontal flip)."""
+    return _stripes(dx, dy, angle, scale, rng, base_angle=math.pi / 4, period=4.0)
+
+
+def _checker(
+    dx: np.ndarray, dy: np.ndarray, angle: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Checkerboard that rotates with the object."""
+    period = 8.0 * scale * rng.uniform(0.9, 1.1)
+    a = _along(dx, dy, angle) * (2 * math.pi / period) + rng.uniform(0, 2 * math.pi)
+    b = _along(dx, dy, angle + math.pi / 2) * (2 * math.pi / period) + rng.uniform(0, 2 * math.pi)
+    return np.clip(0.5 + 3.0 * np.sin(a) * np.sin(b), 0.0, 1.0)
+
+
+def _dots(
+    dx: np.ndarray, dy: np.ndarray, angle: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Grid of round dots that rotates with the object."""
+    period = 6.0 * scale * rng.uniform(0.9, 1.1)
+    radius = 1.7 * scale
+    a = np.mod(_along(dx, dy, angle) + rng.uniform(0, period), period) - period / 2
+    b = np.mod(_along(dx, dy, angle + math.pi / 2) + rng.uniform(0, period), period) - period / 2
+    return np.clip(radius + 0.5 - np.hypot(a, b), 0.0, 1.0)
+
+
+def _hatch(
+    dx: np.ndarray, dy: np.ndarray, angle: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Thin grid lines (cross-hatching) that rotate with the object."""
+    period = 6.0 * scale * rng.uniform(0.9, 1.1)
+    width = 1.5 * scale
+
+    def lines(offset: np.ndarray) -> np.ndarray:
+        distance = np.abs(np.mod(offset + rng.uniform(0, period), period) - period / 2)
+        return np.clip(width / 2 + 0.5 - distance, 0.0, 1.0)
+
+    return np.maximum(lines(_along(dx, dy, angle)), lines(_along(dx, dy, angle + math.pi / 2)))
+
+
+def _concentric(
+    dx: np.ndarray, dy: np.ndarray, angle: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Concentric rings around the object centre."""
+    period = 4.0 * scale * rng.uniform(0.9, 1.1)
+    return _square_wave(2 * math.pi * np.hypot(dx, dy) / period + rng.uniform(0, 2 * math.pi))
+
+
+_TEXTURES: dict[str, _Texture] = {
+    "stripes": _stripes,
+    "diagonal": _diagonal,
+    "checker": _checker,
+    "dots": _dots,
+    "hatch": _hatch,
+    "concentric": _concentric,
+}
+
+
+# --- rendering ------------------------------------------------------------
+
+
+def _random_radius(rng: np.random.Generator, size: int) -> float:
+    """Object radius, log-uniform over a 4x range (size/14 to size/3.5)."""
+    return size * math.exp(rng.uniform(math.log(1 / 14), math.log(1 / 3.5)))
+
+
+def _shape_mask(
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, shape: str, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Place a randomly rotated, slightly squashed shape; return its mask, the
+    pixel offsets from its centre and its rotation."""
+    size = xx.shape[0]
+    cx, cy = rng.uniform(0.05 * size, 0.95 * size, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    aspect = rng.uniform(0.75, 1.0)
+    dx, dy = xx - cx, yy - cy
+    u = (dx * math.cos(angle) + dy * math.sin(angle)) / radius
+    v = (-dx * math.sin(angle) + dy * math.cos(angle)) / (radius * aspect)
+    return _SHAPES[shape](u, v), dx, dy, angle
+
+
+def _random_colour(rng: np.random.Generator, index: int | None = None) -> np.ndarray:
+    """A palette colour with a little per-instance jitter."""
+    if index is None:
+        index = int(rng.integers(len(_PALETTE)))
+    return np.clip(_PALETTE[index] + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
+
+
+def _blend(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float) -> None:
+    img[mask] = (1 - alpha) * img[mask] + alpha * colour
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly upsampled."""
+    coarse = Image.fromarray(rng.random((cells, cells), dtype=np.float32), mode="F")
+    return np.asarray(coarse.resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def _render_background(
+    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray
+) -> np.ndarray:
+    """Textured clutter in the object colours: a mottled base, random lines and
+    blobs, and low-contrast untextured shapes from the class shape families,
+    so that neither colour nor outline alone marks an object."""
+    grey = np.float32(128)
+    c1, c2 = (grey + rng.uniform(0.4, 1.0) * (_random_colour(rng) - grey) for _ in range(2))
+    img = c1 + (c2 - c1) * _smooth_noise(rng, size, int(rng.integers(3, 7)))[..., None]
+
+    canvas = Image.new("L", (size, size))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(2, 7))):
+        draw.rectangle((0, 0, size, size), fill=0)
+        x0, y0, x1, y1 = rng.uniform(-0.2 * size, 1.2 * size, 4)
+        draw.line((x0, y0, x1, y1), fill=255, width=int(rng.integers(1, 3)))
+        _blend(img, np.asarray(canvas) > 0, _random_colour(rng), rng.uniform(0.3, 0.7))
+    for _ in range(int(rng.integers(0, 3))):
+        draw.rectangle((0, 0, size, size), fill=0)
+        x, y = rng.uniform(0, size, 2)
+        rx, ry = rng.uniform(0.05, 0.2, 2) * size
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=255)
+        _blend(img, np.asarray(canvas) > 0, _random_colour(rng), rng.uniform(0.2, 0.5))
+    for _ in range(int(rng.integers(0, 3))):
+        # Irregular camouflage blotches: textured, but not a class texture.
+        x, y = rng.uniform(0, size, 2)
+        radius = rng.uniform(0.08, 0.25) * size
+        patch = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+        blotches = _smooth_noise(rng, size, int(rng.integers(8, 16))) > 0.5
+        _blend(img, patch & blotches, _random_colour(rng), rng.uniform(0.4, 0.8))
+    for _ in range(int(rng.integers(1, 4))):
+        shape = _OBJECT_CLASSES[int(rng.integers(len(_OBJECT_CLASSES)))].shape
+        radius = _random_radius(rng, size)
+        mask = _shape_mask(rng, xx, yy, shape, radius)[0]
+        if rng.random() < 0.5:  # outline only
+            mask &= ~_erode(mask)
+        _blend(img, mask, _random_colour(rng), rng.uniform(0.3, 0.6))
+    return img
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour binary erosion (the image border counts as inside)."""
+    padded = np.pad(mask, 1, mode="edge")
+    return (
+        mask
+        & padded[:-2, 1:-1]
+        & padded[2:, 1:-1]
+        & padded[1:-1, :-2]
+        & padded[1:-1, 2:]
+    )
+
+
+def _boundary_band(instances: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of a later-drawn instance: a 1-pixel band just
+    outside each visible object, like the PASCAL 'void' outline."""
+    band = np.zeros(instances.shape, dtype=bool)
+    band[:-1, :] |= instances[1:, :] > instances[:-1, :]
+    band[1:, :] |= instances[:-1, :] > instances[1:, :]
+    band[:, :-1] |= instances[:, 1:] > instances[:, :-1]
+    band[:, 1:] |= instances[:, :-1] > instances[:, 1:]
+    return band
+
+
+def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image (``size x size x 3`` uint8) and its class-index mask
+    (``size x size`` uint8: 0 background, 1..K objects, 255 boundary band).
+
+    1 to 5 objects, radii spanning 4x, random rotation and aspect, may overlap
+    (the later object wins) and may be cut by the image border."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    texture_scale = max(size / _REFERENCE_SIZE, 1.0)
+    img = _render_background(rng, size, xx, yy)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    instances = np.zeros((size, size), dtype=np.int32)
+
+    for instance in range(1, int(rng.integers(1, 6)) + 1):
+        class_index = int(rng.choice(len(_OBJECT_CLASSES), p=_CLASS_PROBS))
+        spec = _OBJECT_CLASSES[class_index]
+        radius = _random_radius(rng, size)
+        mask, dx, dy, angle = _shape_mask(rng, xx, yy, spec.shape, radius)
+        weight = _TEXTURES[spec.texture](dx, dy, angle, texture_scale, rng)[..., None]
+        first, second = _CONTRAST_PAIRS[int(rng.integers(len(_CONTRAST_PAIRS)))]
+        colour_a, colour_b = _random_colour(rng, first), _random_colour(rng, second)
+        # A gentle brightness gradient, as if lit from one side.
+        light = rng.uniform(-0.15, 0.15) * _along(dx, dy, rng.uniform(0, 2 * math.pi)) / radius
+        brightness = 1 + np.clip(light, -0.3, 0.3)[..., None]
+        img[mask] = (((1 - weight) * colour_a + weight * colour_b) * brightness)[mask]
+        labels[mask] = class_index + 1
+        instances[mask] = instance
+
+    labels[_boundary_band(instances)] = IGNORE_INDEX
+    img += rng.normal(0, 4, img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), labels
+
+
+# --- dataset on disk ------------------------------------------------------
+
+
+def split_name(fraction: float) -> str:
+    """Folder name for a labelled fraction: 1/16 -> ``"1_16"``, 1 -> ``"full"``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return "full"
+    exact = Fraction(fraction).limit_denominator(10_000)
+    return f"{exact.numerator}_{exact.denominator}"
+
+
+def _sample_ids(split: str, count: int) -> list[str]:
+    return [f"{split}_{i:05d}" for i in range(count)]
+
+
+def _split_line(sample_id: str) -> str:
+    return f"JPEGImages/{sample_id}.jpg SegmentationClass/{sample_id}.png\n"
+
+
+def _write_split(path: Path, ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(_split_line(i) for i in ids))
+
+
+def _read_manifest(root: Path) -> dict | None:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR_ID:
+        return manifest
+    return None
+
+
+def _prepare_root(root: Path, params: dict, force: bool) -> bool:
+    """Decide whether ``root`` must be (re)generated. Returns False when a
+    complete cache with identical parameters is already there; raises when the
+    folder holds something we must not overwrite."""
+    incomplete = (root / _INCOMPLETE_MARKER).exists()
+    manifest = _read_manifest(root)
+    if manifest is not None and not incomplete:
+        cached = {"version": manifest.get("version"), **manifest.get("params", {})}
+        wanted = {"version": GENERATOR_VERSION, **params}
+        if cached == wanted:
+            return False
+        if not force:
+            diff = ", ".join(
+                f"{key}: cached {cached.get(key)!r} != requested {wanted[key]!r}"
+                for key in wanted
+                if cached.get(key) != wanted[key]
+            )
+            raise FileExistsError(
+                f"{root} holds a synthetic dataset made with other settings ({diff}); "
+                "pass force=True to regenerate it, or choose another folder"
+            )
+    elif manifest is None and not incomplete and root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} is not empty and has no {MANIFEST_NAME}: it does not look like a "
+            "synthetic dataset made by dssn, so it will not be overwritten; choose an "
+            "empty or new folder"
+        )
+    # Ours (complete with other settings and force=True, or interrupted) or new:
+    # remove only what we write, never anything else in the folder.
+    root.mkdir(parents=True, exist_ok=True)
+    (root / _INCOMPLETE_MARKER).touch()
+    for entry in _OUR_ENTRIES:
+        path = root / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return True
+
+
+def make_synthetic(
+    root: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    num_train: int = 1024,
+    num_val: int = 192,
+    size: int = 96,
+    labeled_fraction: float = 1 / 16,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Generate (or reuse) the synthetic dataset under ``root`` and return its path.
+
+    Writes ``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` (VOC palette),
+    ``splits/<fraction>/{labeled,unlabeled}.txt``, ``splits/full/labeled.txt``,
+    ``splits/val.txt`` and, last, ``dataset.json``. A finished dataset with the
+    same parameters is reused as is; one with other parameters raises
+    ``FileExistsError`` unless ``force``; a non-empty folder that is not ours
+    always raises. A ``.incomplete`` marker exists while writing, so an
+    interrupted run is detected and simply regenerated.
+    """
+    if num_train < 1 or num_val < 0 or size < 16:
+        raise ValueError("need num_train >= 1, num_val >= 0 and size >= 16")
+    fraction_name = split_name(labeled_fraction)
+    root = Path(root)
+    params = {
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "size": int(size),
+        "labeled_fraction": float(labeled_fraction),
+    }
+    if not _prepare_root(root, params, force):
+        return root
+
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    palette = voc_palette()
+    pixel_counts = np.zeros(256, dtype=np.int64)
+    ids = {"train": _sample_ids("train", num_train), "val": _sample_ids("val", num_val)}
+    jobs = [(split, i, sample_id) for split in ids for i, sample_id in enumerate(ids[split])]
+    for split, index, sample_id in tqdm(
+        jobs, desc="synthetic dataset", unit="img", disable=not progress
+    ):
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+        image, labels = render_sample(rng, size)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
+        mask = Image.fromarray(labels)
+        mask.putpalette(palette)
+        mask.save(root / "SegmentationClass" / f"{sample_id}.png", optimize=True)
+        if split == "train":
+            pixel_counts += np.bincount(labels.ravel(), minlength=256)
+
+    num_labeled = max(1, round(num_train * labeled_fraction))
+    order = np.random.default_rng([seed, _SPLIT_IDS["labeled-subset"]]).permutation(num_train)
+    labeled = sorted(ids["train"][i] for i in order[:num_labeled])
+    unlabeled = sorted(set(ids["train"]) - set(labeled))
+    splits = root / "splits"
+    _write_split(splits / fraction_name / "labeled.txt", labeled)
+    _write_split(splits / fraction_name / "unlabeled.txt", unlabeled)
+    _write_split(splits / "full" / "labeled.txt", ids["train"])
+    _write_split(splits / "val.txt", ids["val"])
+
+    manifest = {
+        "generator": _GENERATOR_ID,
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "class_names": list(CLASS_NAMES),
+        "ignore_index": IGNORE_INDEX,
+        "split_name": fraction_name,
+        "counts": {
+            "train": num_train,
+            "val": num_val,
+            "labeled": len(labeled),
+            "unlabeled": len(unlabeled),
+        },
+        "train_pixel_counts": {name: int(pixel_counts[i]) for i, name in enumerate(CLASS_NAMES)},
+        "train_ignored_pixels": int(pixel_counts[IGNORE_INDEX]),
+    }
+    tmp = root / f"{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+    (root / _INCOMPLETE_MARKER).unlink()
+    return root
+
+
+def class_frequencies(
+    root: str | os.PathLike[str], *, foreground: bool = False
+) -> dict[str, float]:
+    """Per-class share of the labelled (non-ignored) train pixels, from the
+    manifest; with ``foreground=True``, shares of the object pixels only."""
+    manifest = _read_manifest(Path(root))
+    if manifest is None:
+        raise FileNotFoundError(f"no synthetic dataset manifest in {root}")
+    counts = manifest["train_pixel_counts"]
+    if foreground:
+        counts = {name: n for name, n in counts.items() if name != CLASS_NAMES[0]}
+    total = sum(counts.values())
+    return {name: n / total if total else 0.0 for name, n in counts.items()}

@@ -1,0 +1,230 @@
+"""Tests for the built-in synthetic dataset (dssn.data.synthetic)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dssn.data.synthetic import (
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    class_frequencies,
+    make_synthetic,
+    render_sample,
+    split_name,
+    voc_palette,
+)
+
+SMALL = dict(num_train=64, num_val=16, size=64)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """All generated image/mask/split files, by relative path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix in {".jpg", ".png", ".txt"}
+    }
+
+
+def _mask(path: Path) -> np.ndarray:
+    with Image.open(path) as mask:
+        return np.asarray(mask)
+
+
+def _split(root: Path, name: str) -> list[tuple[str, str]]:
+    return [tuple(line.split()) for line in (root / "splits" / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("a") / "synthetic", seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def default_size_samples() -> tuple[np.ndarray, np.ndarray]:
+    """256 default-size training samples, rendered exactly as make_synthetic does."""
+    pairs = [render_sample(np.random.default_rng([0, 0, i]), 96) for i in range(256)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def test_voc_palette() -> None:
+    palette = np.array(voc_palette()).reshape(-1, 3)
+    assert palette.shape == (256, 3)
+    assert palette[0].tolist() == [0, 0, 0]
+    assert palette[1].tolist() == [128, 0, 0]
+    assert palette[2].tolist() == [0, 128, 0]
+    assert palette[15].tolist() == [192, 128, 128]  # "person"
+    assert palette[255].tolist() == [224, 224, 192]  # the void outline colour
+    assert len(voc_palette(21)) == 63
+
+
+def test_split_name() -> None:
+    assert split_name(1 / 16) == "1_16"
+    assert split_name(0.125) == "1_8"
+    assert split_name(0.3) == "3_10"
+    assert split_name(1.0) == "full"
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError):
+            split_name(bad)
+
+
+def test_render_sample_shapes() -> None:
+    image, mask = render_sample(np.random.default_rng(0), 80)
+    assert image.shape == (80, 80, 3) and image.dtype == np.uint8
+    assert mask.shape == (80, 80) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= set(range(NUM_CLASSES)) | {IGNORE_INDEX}
+
+
+def test_deterministic(small: Path, tmp_path: Path) -> None:
+    again = make_synthetic(tmp_path / "again", seed=0, **SMALL)
+    other = make_synthetic(tmp_path / "other", seed=1, **SMALL)
+    reference = _files(small)
+    assert _files(again) == reference
+    other_files = _files(other)
+    assert other_files.keys() == reference.keys()
+    differing = [k for k in reference if k.endswith(".png") and reference[k] != other_files[k]]
+    assert len(differing) > 0.9 * (SMALL["num_train"] + SMALL["num_val"])
+
+
+def test_images_do_not_depend_on_dataset_size(small: Path, tmp_path: Path) -> None:
+    fewer = make_synthetic(tmp_path / "fewer", seed=0, num_train=8, num_val=2, size=64)
+    for sample_id in ("train_00000", "train_00007", "val_00001"):
+        for rel in (f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"):
+            assert (fewer / rel).read_bytes() == (small / rel).read_bytes()
+
+
+def test_layout(small: Path) -> None:
+    labeled = _split(small, "1_16/labeled.txt")
+    unlabeled = _split(small, "1_16/unlabeled.txt")
+    full = _split(small, "full/labeled.txt")
+    val = _split(small, "val.txt")
+    assert len(labeled) == 4 and len(unlabeled) == 60 and len(full) == 64 and len(val) == 16
+    for image_path, mask_path in labeled + unlabeled + full + val:
+        assert image_path.startswith("JPEGImages/") and image_path.endswith(".jpg")
+        assert mask_path == "SegmentationClass/" + Path(image_path).stem + ".png"
+        assert (small / image_path).is_file() and (small / mask_path).is_file()
+    assert set(labeled).isdisjoint(unlabeled)
+    assert set(labeled) | set(unlabeled) == set(full)
+    assert set(val).isdisjoint(full)
+    assert len(list((small / "JPEGImages").iterdir())) == 80
+    assert not (small / ".incomplete").exists()
+
+
+def test_masks_are_voc_palette_pngs(small: Path) -> None:
+    palette = voc_palette()
+    seen: set[int] = set()
+    for _, mask_path in _split(small, "full/labeled.txt"):
+        with Image.open(small / mask_path) as mask:
+            assert mask.mode == "P" and mask.size == (64, 64)
+            assert mask.getpalette()[: 3 * NUM_CLASSES] == palette[: 3 * NUM_CLASSES]
+            seen |= set(np.unique(np.asarray(mask)).tolist())
+    assert seen <= set(range(NUM_CLASSES)) | {IGNORE_INDEX}
+    assert {0, 1, IGNORE_INDEX} <= seen
+    with Image.open(small / "JPEGImages/train_00000.jpg") as image:
+        assert image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_manifest(small: Path) -> None:
+    manifest = json.loads((small / "dataset.json").read_text())
+    assert manifest["params"] == {"seed": 0, "labeled_fraction": 1 / 16, **SMALL}
+    assert manifest["class_names"] == list(CLASS_NAMES)
+    counts = np.zeros(256, dtype=np.int64)
+    for _, mask_path in _split(small, "full/labeled.txt"):
+        counts += np.bincount(_mask(small / mask_path).ravel(), minlength=256)
+    assert manifest["train_pixel_counts"] == {n: int(counts[i]) for i, n in enumerate(CLASS_NAMES)}
+    assert manifest["train_ignored_pixels"] == counts[IGNORE_INDEX]
+    frequencies = class_frequencies(small)
+    assert list(frequencies) == list(CLASS_NAMES)
+    assert sum(frequencies.values()) == pytest.approx(1.0)
+    assert sum(class_frequencies(small, foreground=True).values()) == pytest.approx(1.0)
+
+
+def test_at_least_one_labeled_image(tmp_path: Path) -> None:
+    root = make_synthetic(tmp_path / "tiny", num_train=8, num_val=1, size=32)
+    assert len(_split(root, "1_16/labeled.txt")) == 1
+    assert len(_split(root, "1_16/unlabeled.txt")) == 7
+
+
+def test_long_tail(default_size_samples: tuple[np.ndarray, np.ndarray]) -> None:
+    _, masks = default_size_samples
+    counts = np.bincount(masks.ravel(), minlength=256)[1:NUM_CLASSES]
+    assert (counts > 0).all(), "every object class appears"
+    share = counts / counts.sum()
+    assert share.min() < 0.05
+    assert share.max() > 5 * share.min()
+    foreground = counts.sum() / masks.size
+    assert 0.05 < foreground < 0.5
+
+
+def test_colour_is_not_the_class(default_size_samples: tuple[np.ndarray, np.ndarray]) -> None:
+    """Per-instance colours come from a shared palette, so (1) per-class mean
+    colours nearly coincide compared with the colour spread inside a class, and
+    (2) a per-pixel colour-histogram classifier over object classes does barely
+    better than always answering the commonest class."""
+    images, masks = default_size_samples
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    labels = masks.ravel()
+    objects = range(1, NUM_CLASSES)
+    means = np.array([pixels[labels == k].mean(0) for k in objects])
+    within = np.array([pixels[labels == k].std(0) for k in objects]).mean(0)
+    assert (means.std(0) < 0.15 * within).all()
+
+    bins = (pixels // 32).astype(np.int64) @ np.array([64, 8, 1])
+    histograms = np.stack([np.bincount(bins[labels == k], minlength=512) for k in objects])
+    best_per_bin = histograms.max(0).sum() / histograms.sum()
+    majority = histograms.sum(1).max() / histograms.sum()
+    assert best_per_bin < majority + 0.05
+
+
+def test_cache_reused_without_rewriting(small: Path) -> None:
+    manifest = small / "dataset.json"
+    image = small / "JPEGImages/train_00000.jpg"
+    before = (manifest.stat().st_mtime_ns, image.stat().st_mtime_ns)
+    start = time.perf_counter()
+    assert make_synthetic(small, seed=0, **SMALL) == small
+    assert time.perf_counter() - start < 0.5
+    assert (manifest.stat().st_mtime_ns, image.stat().st_mtime_ns) == before
+
+
+def test_other_parameters_need_force(tmp_path: Path) -> None:
+    root = make_synthetic(tmp_path / "data", seed=0, num_train=8, num_val=2, size=32)
+    (root / "notes.txt").write_text("user file")
+    with pytest.raises(FileExistsError, match="seed"):
+        make_synthetic(root, seed=1, num_train=8, num_val=2, size=32)
+    make_synthetic(root, seed=1, num_train=4, num_val=2, size=32, force=True)
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["params"]["seed"] == 1 and manifest["params"]["num_train"] == 4
+    assert len(list((root / "JPEGImages").iterdir())) == 6, "stale images are removed"
+    assert (root / "notes.txt").read_text() == "user file", "only our files are touched"
+
+
+def test_foreign_folder_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="not empty"):
+            make_synthetic(foreign, num_train=4, num_val=1, size=32, force=force)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (make_synthetic(empty, num_train=4, num_val=1, size=32) / "dataset.json").is_file()
+
+
+def test_interrupted_generation_is_redone(tmp_path: Path) -> None:
+    root = make_synthetic(tmp_path / "data", num_train=4, num_val=1, size=32)
+    reference = _files(root)
+    # Simulate a crash mid-way: marker present, manifest missing, a file truncated.
+    (root / ".incomplete").touch()
+    (root / "dataset.json").unlink()
+    (root / "JPEGImages/train_00000.jpg").write_bytes(b"")
+    make_synthetic(root, num_train=4, num_val=1, size=32)
+    assert _files(root) == reference
+    assert (root / "dataset.json").is_file() and not (root / ".incomplete").exists()
