@@ -428,3 +428,13 @@ def test_backbone_wrong_architecture_raises(tmp_path) -> None:
     torch.save(build_backbone("resnet34").state_dict(), path)
     with pytest.raises(WeightsError, match="unexpected keys"):
         load_backbone_weights(build_backbone("resnet18"), path)
+
+
+def test_backbone_width_scales_every_stage_and_keeps_names():
+    narrow = DeepLabV3Plus(3, backbone="resnet18", backbone_width=16, decoder_channels=16)
+    standard = DeepLabV3Plus(3, backbone="resnet18", decoder_channels=16)
+    assert narrow.backbone.low_channels == 16 and narrow.backbone.high_channels == 128
+    assert narrow.state_dict().keys() == standard.state_dict().keys()
+    assert narrow.state_dict()["backbone.conv1.6.weight"].shape == (32, 16, 3, 3)
+    assert narrow.state_dict()["head.b0.0.weight"].shape == (16, 128, 1, 1)  # ASPP keeps high/8
+    assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)

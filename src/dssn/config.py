@@ -36,17 +36,24 @@ class ModelConfig(_Section):
     output_stride: Literal[8, 16] = 16
     dilations: tuple[int, int, int] = (6, 12, 18)
     decoder_channels: int = 256
+    backbone_width: int = 64
+    """Stem/layer1 width of the ResNet; 64 is the standard network (smaller for CPU demos)."""
 
 
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "synthetic"] = "pascal"
+    dataset: Literal["pascal", "cityscapes", "coco", "folder", "synthetic"] = "pascal"
     root: str = "data/VOC2012"
     num_classes: int = 21
     class_names: list[str] | None = None
-    labeled_split: str = "splits/732/labeled.txt"
-    """Split files: paths relative to ``root`` unless absolute."""
+    meta: str | None = None
+    """``folder`` datasets: their ``dataset.yaml`` (relative to ``root`` unless absolute; default
+    ``dataset.yaml``): class names, optional palette and value-to-class map."""
+    labeled_split: str | None = "splits/732/labeled.txt"
+    """Split files: paths relative to ``root`` unless absolute. For ``folder`` datasets any of
+    the three may be null: labeled = images with a mask, unlabeled = images without one,
+    val = the validation folders named in ``dataset.yaml``."""
     unlabeled_split: str | None = "splits/732/unlabeled.txt"
-    val_split: str = "splits/val.txt"
+    val_split: str | None = "splits/val.txt"
     crop_size: int = 513
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""

@@ -27,4 +27,5 @@ def build_model(cfg) -> DeepLabV3Plus:
     """The network a ``dssn.config.Config`` describes."""
     m = cfg.model
     return DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
-                         dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels)
+                         dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels,
+                         backbone_width=m.backbone_width)

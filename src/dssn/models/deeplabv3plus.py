@@ -86,11 +86,12 @@ class DeepLabV3Plus(nn.Module):
         dilations: Sequence[int] = (6, 12, 18),
         pretrained: str | os.PathLike[str] | None = None,
         decoder_channels: int = 256,
+        backbone_width: int = 64,
     ) -> None:
         super().__init__()
         if len(dilations) != 3:
             raise ValueError(f"dilations must have 3 values, got {tuple(dilations)}")
-        self.backbone = build_backbone(backbone, output_stride)
+        self.backbone = build_backbone(backbone, output_stride, backbone_width)
         if pretrained is not None:
             report = load_backbone_weights(self.backbone, pretrained)
             logger.info("loaded %d backbone tensors from %s", report.loaded, pretrained)

@@ -106,34 +106,38 @@ class ResNet(nn.Module):
     following blocks use the new one; its 1x1 downsample has stride 1.
     """
 
-    def __init__(self, block: Block, layers: list[int], output_stride: int = 16) -> None:
+    def __init__(self, block: Block, layers: list[int], output_stride: int = 16, width: int = 64) -> None:
+        """``width`` is the stem/layer1 width; 64 is the standard network, smaller ones
+        scale every stage alike (for CPU demos and tests)."""
         super().__init__()
         if output_stride not in _DILATE:
             raise ValueError(f"output_stride must be one of {sorted(_DILATE)}, got {output_stride}")
+        if width < 4:
+            raise ValueError(f"width must be at least 4, got {width}")
         self.output_stride = output_stride
-        self.low_channels = 64 * block.expansion
-        self.high_channels = 512 * block.expansion
+        self.low_channels = width * block.expansion
+        self.high_channels = 8 * width * block.expansion
 
         self.conv1 = nn.Sequential(
-            _conv3x3(3, 64, stride=2),
-            nn.BatchNorm2d(64),
+            _conv3x3(3, width, stride=2),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            _conv3x3(64, 64),
-            nn.BatchNorm2d(64),
+            _conv3x3(width, width),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            _conv3x3(64, 128),
+            _conv3x3(width, 2 * width),
         )
-        self.bn1 = nn.BatchNorm2d(128)
+        self.bn1 = nn.BatchNorm2d(2 * width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        self._inplanes = 128
+        self._inplanes = 2 * width
         self._dilation = 1
         dilate2, dilate3, dilate4 = _DILATE[output_stride]
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1, dilate=False)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=dilate2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate3)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate4)
+        self.layer1 = self._make_layer(block, width, layers[0], stride=1, dilate=False)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2, dilate=dilate2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2, dilate=dilate3)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilate4)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -175,7 +179,7 @@ BACKBONES: dict[str, tuple[Block, list[int]]] = {
 }
 
 
-def build_backbone(name: str, output_stride: int = 16) -> ResNet:
+def build_backbone(name: str, output_stride: int = 16, width: int = 64) -> ResNet:
     """Build a randomly initialised ResNet-v1c by name (resnet18/34/50/101)."""
     try:
         block, layers = BACKBONES[name]
@@ -183,4 +187,4 @@ def build_backbone(name: str, output_stride: int = 16) -> ResNet:
         raise ValueError(
             f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}"
         ) from None
-    return ResNet(block, layers, output_stride=output_stride)
+    return ResNet(block, layers, output_stride=output_stride, width=width)
