@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Bump whenever rendering changes, so stale caches are detected.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
 MANIFEST_NAME = "dataset.json"
 _INCOMPLETE_MARKER = ".incomplete"
@@ -55,6 +55,9 @@ _JPEG_QUALITY = 90
 # Texture periods are in pixels at this image size. Larger images scale them
 # up; smaller ones keep them, as finer patterns would alias.
 _REFERENCE_SIZE = 96
+# Every texture period is this much coarser than its nominal value, so that the
+# pattern survives the training views' 0.5x rescale and Gaussian blur.
+_TEXTURE_GAIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,8 @@ _TEXTURES: dict[str, _Texture] = {
 
 
 def _random_radius(rng: np.random.Generator, size: int) -> float:
-    """Object radius, log-uniform over a 4x range (size/14 to size/3.5)."""
-    return size * math.exp(rng.uniform(math.log(1 / 14), math.log(1 / 3.5)))
+    """Object radius, log-uniform over a 4x range (size/12 to size/3)."""
+    return size * math.exp(rng.uniform(math.log(1 / 12), math.log(1 / 3)))
 
 
 def _shape_mask(
@@ -301,8 +304,7 @@ def _render_background(
     rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray
 ) -> np.ndarray:
     """Textured clutter in the object colours: a mottled base, random lines and
-    blobs, and low-contrast untextured shapes from the class shape families,
-    so that neither colour nor outline alone marks an object."""
+    blobs, and textured camouflage patches, so that colour alone marks nothing."""
     grey = np.float32(128)
     c1, c2 = (grey + rng.uniform(0.4, 1.0) * (_random_colour(rng) - grey) for _ in range(2))
     img = c1 + (c2 - c1) * _smooth_noise(rng, size, int(rng.integers(3, 7)))[..., None]
@@ -327,13 +329,6 @@ def _render_background(
         patch = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
         blotches = _smooth_noise(rng, size, int(rng.integers(8, 16))) > 0.5
         _blend(img, patch & blotches, _random_colour(rng), rng.uniform(0.4, 0.8))
-    for _ in range(int(rng.integers(1, 4))):
-        shape = _OBJECT_CLASSES[int(rng.integers(len(_OBJECT_CLASSES)))].shape
-        radius = _random_radius(rng, size)
-        mask = _shape_mask(rng, xx, yy, shape, radius)[0]
-        if rng.random() < 0.5:  # outline only
-            mask &= ~_erode(mask)
-        _blend(img, mask, _random_colour(rng), rng.uniform(0.3, 0.6))
     return img
 
 
@@ -367,7 +362,7 @@ def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     1 to 5 objects, radii spanning 4x, random rotation and aspect, may overlap
     (the later object wins) and may be cut by the image border."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    texture_scale = max(size / _REFERENCE_SIZE, 1.0)
+    texture_scale = _TEXTURE_GAIN * max(size / _REFERENCE_SIZE, 1.0)
     img = _render_background(rng, size, xx, yy)
     labels = np.zeros((size, size), dtype=np.uint8)
     instances = np.zeros((size, size), dtype=np.int32)
