@@ -44,6 +44,11 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
             extra = [f"train.iters={iters}"] if iters else []
             cfg = load_config("synthetic", [f"method.name={method}", f"train.seed={seed}", f"data.root={data_root}",
                                             f"run_dir={out_dir / f'{method}-seed{seed}'}", *extra, *overrides])
+            if method == "supervised":
+                # As the authors do (SPEC 4b): the labeled batch is doubled, so that every
+                # method sees the same number of images per step.
+                t = cfg.train
+                cfg.train = t.model_copy(update={"batch_size": t.batch_size + t.batch_size_unlabeled})
             print(f"\n== {method}, seed {seed}: {cfg.train.iters} iterations on {cfg.data.labeled_split} ==")
             result = train(cfg)
             student = result.final["student"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ class RunLogger:
         self.run_dir = run_dir
         self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
         self.tb = SummaryWriter(str(run_dir / "tb"))
-        self.bar = tqdm(total=total_iters, disable=not progress, dynamic_ncols=True, unit="it")
+        # A live bar on a terminal; in a log file, a plain line about every 5% instead.
+        self.interactive = progress and sys.stderr.isatty()
+        self.print_progress = progress and not self.interactive
+        self.total = total_iters
+        self.next_line = 0
+        self.bar = tqdm(total=total_iters, disable=not self.interactive, dynamic_ncols=True, unit="it")
         self.start = time.perf_counter()
 
     def advance(self) -> None:
@@ -34,6 +40,12 @@ class RunLogger:
             self.tb.add_scalar(f"train/{name}", value, step)
         self._write({"kind": "train", "step": step, **scalars})
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()}, refresh=False)
+        if self.print_progress and step >= self.next_line:
+            self.next_line = step + max(1, self.total // 20)
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / step * (self.total - step)
+            terms = " ".join(f"{k}={v:.3g}" for k, v in scalars.items())
+            print(f"step {step}/{self.total} {step / elapsed:.2f} it/s eta {eta:.0f}s {terms}", file=sys.stderr)
 
     def log_eval(self, step: int, epoch: int, summary: dict[str, dict[str, Any]]) -> None:
         for model, result in summary.items():
@@ -43,7 +55,7 @@ class RunLogger:
                     self.tb.add_scalar(f"eval/{model}/iou/{cls}", iou, step)
         self._write({"kind": "eval", "step": step, "epoch": epoch, **summary})
         text = "  ".join(f"{m} mIoU {r['miou']:.2f}" for m, r in summary.items())
-        self.bar.write(f"[step {step} epoch {epoch}] {text}")
+        self.bar.write(f"[step {step} epoch {epoch}] {text}", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
