@@ -47,6 +47,136 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- data commands: prepare, splits, check-data (issue 3) --------------------------------------
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from dssn.data.prepare import prepare_cityscapes, prepare_coco
+
+    root = Path(args.root).expanduser()
+    if not root.is_dir():
+        raise DssnError(f"dataset root '{root}' does not exist")
+    if args.dataset == "cityscapes":
+        print(f"cityscapes: {prepare_cityscapes(root, args.overwrite, progress=not args.quiet)}")
+    else:
+        reports = prepare_coco(root, tuple(args.splits), args.out, args.overwrite, progress=not args.quiet)
+        for split, report in reports.items():
+            print(f"coco {split}: {report} in {root / args.out}")
+    return 0
+
+
+def _relative_to(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _cmd_splits(args: argparse.Namespace) -> int:
+    from dssn.data.layouts import load_folder_meta, scan_pool
+    from dssn.data.splits import amount_name, make_splits, parse_amount, write_splits
+
+    root = Path(args.root).expanduser()
+    meta = None
+    if args.dataset == "folder":
+        meta_path = Path(args.meta).expanduser() if args.meta else root / "dataset.yaml"
+        meta = load_folder_meta(meta_path)
+    labeled = parse_amount(args.labeled)
+    val = "official" if args.val is None else parse_amount(args.val)
+    plan = make_splits(scan_pool(args.dataset, root, meta), labeled, val, args.seed)
+    out = Path(args.out).expanduser() if args.out else root / "splits" / amount_name(labeled)
+    paths = write_splits(plan, out, args.overwrite)
+    val_from = "drawn from the labeled images" if plan.val_from == "drawn" else f"official, {plan.val_from}"
+    print(f"labeled {len(plan.labeled)}, unlabeled {len(plan.unlabeled)}, val {len(plan.val)} ({val_from}); "
+          f"seed {args.seed}")
+    for path in paths:
+        print(f"written: {path}")
+    keys = ("data.labeled_split", "data.unlabeled_split", "data.val_split")
+    overrides = " ".join(f"{k}={_relative_to(p, root)}" for k, p in zip(keys, paths))
+    extra = f" data.num_classes={len(meta.classes)}" if meta is not None else ""
+    print(f"train with:\n  dssn train {args.dataset} data.root={root}{extra} {overrides}")
+    return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from dssn.data.check import check_fast, check_full, format_problems, plot_class_frequency, summary_text
+
+    cfg = load_config(args.config, args.overrides)
+    if args.fast:
+        splits, problems = check_fast(cfg)
+        for role, split in splits:
+            print(f"{role:<10} {len(split.entries):>8}  {split.source}")
+    else:
+        report = check_full(cfg, workers=args.workers, progress=not args.quiet)
+        problems = report.problems
+        print(summary_text(report))
+        if args.plot != "none" and report.pixel_counts:
+            print(f"plot: {plot_class_frequency(report, Path(args.plot))}")
+    if not problems:
+        print("\nno problems found")
+        return 0
+    print(f"\n{len(problems)} problem(s):\n{format_problems(problems)}")
+    return 1
+
+
+def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="make class-index masks from raw Cityscapes or COCO annotations",
+                       description="cityscapes: write *_gtFine_labelTrainIds.png (19 train ids, 255 ignore) next to "
+                                   "every gtFine/**/*_gtFine_labelIds.png, with the official label table. "
+                                   "coco: write ROOT/masks/<image>.png (81 classes: 0 background, COCO "
+                                   "categories in increasing id order -> 1..80) from "
+                                   "ROOT/annotations/instances_<split>.json; needs pycocotools "
+                                   "(pip install 'dssn[coco]'). Resumable: existing outputs are skipped, never "
+                                   "overwritten unless --overwrite.")
+    p.add_argument("dataset", choices=["cityscapes", "coco"], help="which dataset's annotations to convert")
+    p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist (default: skip them)")
+    p.add_argument("--splits", nargs="+", default=["train2017", "val2017"],
+                   help="coco only: the annotation splits to convert (default train2017 val2017)")
+    p.add_argument("--out", default="masks", help="coco only: output folder under ROOT (default masks)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("splits", help="make labeled/unlabeled/val split files from a dataset folder",
+                       description="Write labeled.txt, unlabeled.txt and val.txt in the authors' format "
+                                   "('image mask' per line, relative to ROOT). Reproducible for a given --seed. "
+                                   "The validation set is the layout's official one (PASCAL "
+                                   "ImageSets/Segmentation/val.txt, Cityscapes leftImg8bit/val, COCO val2017, "
+                                   "the val_images folder of a folder dataset) unless --val draws it from the "
+                                   "images with masks; validation images never enter the training splits. "
+                                   "Images without a mask are always unlabeled. Existing split files are never "
+                                   "overwritten unless --overwrite.")
+    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "folder"], help="the dataset's layout")
+    p.add_argument("root", help="the dataset root")
+    p.add_argument("--labeled", required=True, metavar="AMOUNT",
+                   help="labeled images: a count (732), a fraction of the images with masks (1/16, 0.125, "
+                        "12.5%%) or 'all'")
+    p.add_argument("--val", metavar="AMOUNT", default=None,
+                   help="draw this many validation images (count, fraction or %%) from the images with masks "
+                        "instead of using the official validation set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draw (default 0)")
+    p.add_argument("--out", help="folder for the three files (default ROOT/splits/<amount>, e.g. splits/1_16)")
+    p.add_argument("--meta", help="folder datasets: their dataset.yaml (default ROOT/dataset.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace split files that already exist")
+    p.set_defaults(func=_cmd_splits)
+
+    p = sub.add_parser("check-data", help="check that every listed image and mask exists, decodes and agrees",
+                       description="Check the data a config points at: split files parse, every listed file "
+                                   "exists and decodes, image and mask sizes agree, mask values are known classes "
+                                   "or 255. Prints the counts, the pixel frequency of each class (also drawn as "
+                                   "a bar plot PNG) and every problem with its split file and line. Exit code 1 "
+                                   "when problems are found. `dssn train` runs the --fast part itself.")
+    p.add_argument("config", help="preset name or path to a YAML config (as for train)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--fast", action="store_true",
+                   help="only what train checks: files exist and lines parse, nothing is decoded")
+    p.add_argument("--plot", default="check-data.png",
+                   help="where to write the class frequency bar plot (default check-data.png; 'none' for no plot)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_check_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dssn", description="Semi-supervised semantic segmentation with DSSN (ACM MM 2023).")
@@ -83,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["supervised", "fixmatch", "dssn"], help="methods to compare")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + "; applied to every run")
     p.set_defaults(func=_cmd_demo)
+    _add_data_parsers(sub)
     return parser
 
 

@@ -233,5 +233,8 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Train one run described by ``cfg``; returns the final scores."""
+    from dssn.data.check import check_before_training
+
+    check_before_training(cfg)  # fast data check first: stop before a run folder or model exists
     run_dir = prepare_run_dir(cfg)
     return Trainer(cfg, run_dir).fit()
