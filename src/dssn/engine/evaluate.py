@@ -1,10 +1,12 @@
-"""Evaluation (SPEC 6): confusion-matrix mIoU over the whole set, three inference modes."""
+"""Evaluation (SPEC 6): confusion-matrix mIoU over the whole set, three inference modes,
+optional multi-scale and flip averaging (``eval.scales``, ``eval.flip``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,43 @@ def predict(model: nn.Module, image: Tensor, num_classes: int, mode: str = "whol
     raise ValueError(f"unknown eval mode '{mode}' (whole, center_crop, sliding)")
 
 
+def predict_tta(model: nn.Module, image: Tensor, num_classes: int, mode: str = "whole",
+                crop_size: int | None = None, stride_ratio: float = 2 / 3, scales: Sequence[float] = (1.0,),
+                flip: bool = False) -> Tensor:
+    """Class scores ``[B, C, H, W]`` with optional test-time augmentation.
+
+    With ``scales == [1.0]`` and no ``flip`` this is :func:`predict`. Otherwise the
+    image (for ``center_crop``: its crop) is resized by each scale (bilinear,
+    ``align_corners=True``) and, with ``flip``, also mirrored; each pass runs in
+    ``mode`` (sliding windows keep ``crop_size`` at every scale), its softmax
+    probabilities are brought back to the input size and averaged.
+    """
+    if list(scales) == [1.0] and not flip:
+        return predict(model, image, num_classes, mode, crop_size, stride_ratio)
+    if mode == "center_crop":
+        if crop_size is None:
+            raise ValueError("eval mode 'center_crop' needs a crop size (eval.crop_size)")
+        image, mode = center_crop(image, crop_size), "whole"
+    h, w = image.shape[-2:]
+    total: Tensor | None = None
+    flips = (False, True) if flip else (False,)
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        for mirrored in flips:
+            x = scaled.flip(-1) if mirrored else scaled
+            out = predict(model, x, num_classes, mode, crop_size, stride_ratio)
+            # Sliding windows return summed probabilities: divide by the windows covering each pixel.
+            probs = out / out.sum(1, keepdim=True) if mode == "sliding" else out.softmax(1)
+            if mirrored:
+                probs = probs.flip(-1)
+            if probs.shape[-2:] != (h, w):
+                probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
+            total = probs if total is None else total + probs
+    assert total is not None
+    return total / (len(scales) * len(flips))
+
+
 @dataclass
 class EvalResult:
     confusion: Tensor
@@ -96,8 +135,15 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(models: dict[str, nn.Module], batches: Iterable, num_classes: int, device: torch.device,
-             mode: str = "whole", crop_size: int | None = None, stride_ratio: float = 2 / 3) -> dict[str, EvalResult]:
-    """Score several models in one pass over ``(image, mask, ...)`` batches."""
+             mode: str = "whole", crop_size: int | None = None, stride_ratio: float = 2 / 3,
+             scales: Sequence[float] = (1.0,), flip: bool = False,
+             reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, EvalResult]:
+    """Score several models in one pass over ``(image, mask, ...)`` batches.
+
+    ``scales``/``flip``: test-time augmentation (:func:`predict_tta`). ``reduce``: applied to
+    each model's confusion matrix before scoring; distributed evaluation passes a sum
+    all-reduce here, each process having iterated only its own shard of the set.
+    """
     confusions = {name: torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) for name in models}
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
@@ -108,13 +154,15 @@ def evaluate(models: dict[str, nn.Module], batches: Iterable, num_classes: int, 
             if mode == "center_crop":
                 mask = center_crop(mask, crop_size)
             for name, model in models.items():
-                pred = predict(model, image, num_classes, mode, crop_size, stride_ratio).argmax(dim=1)
+                pred = predict_tta(model, image, num_classes, mode, crop_size, stride_ratio, scales, flip).argmax(dim=1)
                 confusions[name] += confusion_matrix(pred, mask, num_classes)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
     results = {}
     for name, conf in confusions.items():
+        if reduce is not None:
+            conf = reduce(conf)
         miou, per_class = mean_iou(conf.cpu())
         results[name] = EvalResult(conf.cpu(), miou, per_class)
     return results
@@ -124,37 +172,59 @@ def evaluate_checkpoint(checkpoint: str, config: str | None = None,
                         overrides: list[str] | None = None) -> dict[str, dict]:
     """Score every network in a checkpoint on the configured validation split.
 
-    A dssn checkpoint carries its own config (overrides apply on top); a bare
-    state dict (e.g. a released ``.pth``) needs ``config`` to say what it is.
+    A dssn checkpoint carries its own config (overrides apply on top); a released
+    ``.pth`` (state dict, possibly under ``model`` and with ``module.`` prefixes)
+    needs ``config`` to say what it is; a ``.safetensors`` export finds its config
+    inside or beside it. Returns per network ``{"miou", "per_class"}`` in percent.
     """
-    from dssn.config import ConfigError, build_config, deep_merge, load_config, parse_overrides
-    from dssn.data import build_val_dataset, class_names_for
-    from dssn.engine.checkpoint import load_checkpoint
-    from dssn.engine.trainer import make_loader, resolve_device
-    from dssn.models import build_model, load_weights
+    from dssn.data import build_val_dataset
+    from dssn.engine.inference import load_for_inference
+    from dssn.engine.trainer import make_loader
 
-    state = load_checkpoint(checkpoint) if config is None else None
-    if config is not None:
-        cfg = load_config(config, overrides)
-    elif isinstance(state, dict) and "config" in state:
-        cfg = build_config(deep_merge(state["config"], parse_overrides(overrides or [])), f"{checkpoint} config")
-    else:
-        raise ConfigError(f"'{checkpoint}' carries no config; say what it is with --config PRESET_OR_YAML")
-    device = resolve_device(cfg.train.device)
-    models = {}
-    if state is not None and "models" in state:
-        for name, sd in state["models"].items():
-            model = build_model(cfg)
-            model.load_state_dict(sd)
-            models[name] = model.to(device)
-    else:
-        model = build_model(cfg)
-        load_weights(model, checkpoint)
-        models["model"] = model.to(device)
+    loaded = load_for_inference(checkpoint, config, overrides)
+    cfg, device = loaded.cfg, loaded.device
     e = cfg.eval
     loader = make_loader(build_val_dataset(cfg), e.batch_size, False, 0, min(cfg.data.num_workers, 2), device,
                          drop_last=False)
-    results = evaluate(models, loader, cfg.data.num_classes, device, e.mode, e.crop_size or cfg.data.crop_size,
-                       e.stride_ratio)
-    names = class_names_for(cfg)
-    return {name: r.summary(names) for name, r in results.items()}
+    results = evaluate(loaded.models, loader, cfg.data.num_classes, device, e.mode,
+                       e.crop_size or cfg.data.crop_size, e.stride_ratio, e.scales, e.flip)
+    return {name: r.summary(loaded.class_names) for name, r in results.items()}
+
+
+def iou_table(results: dict[str, dict]) -> str:
+    """Per-class IoU (percent) with one column per network, then the mIoU row."""
+    names = list(results)
+    classes = list(next(iter(results.values()))["per_class"]) if results else []
+    width = max([16, *(len(c) for c in classes)])
+    cols = [max(8, len(n)) for n in names]
+
+    def cell(v: float | None, w: int) -> str:
+        return f"{'-' if v is None else f'{v:.2f}':>{w}}"
+
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols))]
+    for c in classes:
+        lines.append(f"{c:<{width}}  " + "  ".join(cell(results[n]["per_class"][c], w) for n, w in zip(names, cols)))
+    lines.append(f"{'mIoU':<{width}}  " + "  ".join(cell(results[n]["miou"], w) for n, w in zip(names, cols)))
+    return "\n".join(lines)
+
+
+def write_scores(results: dict[str, dict], out_dir: str | Path) -> list[Path]:
+    """``scores.json`` (everything) and ``per_class_iou.csv`` (class rows, one column per network,
+    percent, empty where a class has no IoU; last row mIoU) in ``out_dir``."""
+    import csv
+    import json
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "scores.json", out / "per_class_iou.csv"
+    json_path.write_text(json.dumps(results, indent=2))
+    names = list(results)
+    classes = list(next(iter(results.values()))["per_class"]) if results else []
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", *names])
+        for c in classes:
+            writer.writerow([c, *("" if results[n]["per_class"][c] is None else f"{results[n]['per_class'][c]:.4f}"
+                                  for n in names)])
+        writer.writerow(["mIoU", *(f"{results[n]['miou']:.4f}" for n in names)])
+    return [json_path, csv_path]

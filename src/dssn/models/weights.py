@@ -24,8 +24,10 @@ __all__ = [
     "LoadReport",
     "WeightsError",
     "load_backbone_weights",
+    "load_state_dict",
     "load_state_dict_file",
     "load_weights",
+    "unwrap_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             f"{path} could not be read as a PyTorch weights file ({type(err).__name__}: {err})"
         ) from err
 
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: object, path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The state dict inside a loaded file: under ``model``/``state_dict``/``student`` or at the
+    top level, DDP ``module.`` prefixes removed. ``path`` only names the file in errors."""
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     for key in _WRAPPER_KEYS:
@@ -172,12 +180,18 @@ def load_weights(
     :class:`WeightsError` before anything is copied. Without it the matching
     tensors are loaded and the rest are logged and listed in the report.
     """
-    state = load_state_dict_file(path)
+    return load_state_dict(model, load_state_dict_file(path), path, strict)
+
+
+def load_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], where: str | os.PathLike[str], strict: bool = True
+) -> LoadReport:
+    """:func:`load_weights` for a state dict already in memory (``where`` names it in messages)."""
     report, matching = _compare(model, state)
     if not report.ok:
         if strict:
-            raise WeightsError(f"{path} does not match the model: {_describe(report)}")
-        logger.warning("partial load from %s: %s", path, _describe(report))
+            raise WeightsError(f"{where} does not match the model: {_describe(report)}")
+        logger.warning("partial load from %s: %s", where, _describe(report))
     return _apply(model, matching, report)
 
 
