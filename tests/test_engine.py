@@ -23,7 +23,7 @@ def tiny(data_root, run_dir, *extra):
     return load_config("synthetic", [
         f"data.root={data_root}", f"run_dir={run_dir}", "model.decoder_channels=16", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=2", "train.iters=3",
-        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", *extra])
+        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", "train.report=false", *extra])
 
 
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "dssn"])

@@ -26,16 +26,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dssn.engine.evaluate import evaluate_checkpoint
+    from dssn.engine.evaluate import evaluate_checkpoint, iou_table, write_scores
 
     results = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
+    print(iou_table(results))
     for name, summary in results.items():
-        print(f"\n{name}: mIoU {summary['miou']:.2f}")
-        for cls, iou in summary["per_class"].items():
-            print(f"  {cls:<16} {'-' if iou is None else f'{iou:6.2f}'}")
+        print(f"{name}: mIoU {summary['miou']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"\nwritten: {args.json}")
+        print(f"written: {args.json}")
+    if args.out:
+        for path in write_scores(results, args.out):
+            print(f"written: {path}")
     return 0
 
 
@@ -177,6 +179,89 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check_data)
 
 
+# ---- using a trained network: predict, export (issue 4) ----------------------------------------
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from dssn.engine.predict import predict_files
+
+    summary = predict_files(args.checkpoint, args.inputs, args.out, config=args.config, overrides=args.set,
+                            model=args.model, batch_size=args.batch_size, overwrite=args.overwrite,
+                            skip_existing=args.skip_existing, progress=not args.quiet)
+    skipped = f", {summary.skipped} skipped (outputs exist)" if summary.skipped else ""
+    print(f"{summary.written} image(s) segmented with the {summary.network}{skipped}: "
+          f"{summary.out_dir / 'masks'}, {summary.out_dir / 'overlays'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dssn.engine.export import export_checkpoint
+
+    size = tuple(args.size) if args.size else None
+    result = export_checkpoint(args.checkpoint, args.format, args.out, config=args.config, overrides=args.set,
+                               model=args.model, overwrite=args.overwrite, image_size=size, opset=args.opset,
+                               check=not args.no_check)
+    for path in result.paths:
+        print(f"written: {path}")
+    if result.max_abs_diff is not None:
+        print(f"onnxruntime matches PyTorch: max |difference| {result.max_abs_diff:.2e}")
+    print(f"network: {result.network}")
+    return 0
+
+
+_CHECKPOINT_HELP = ("a dssn checkpoint (last.pt, best.pt), a released .pth (state dict, possibly under 'model' "
+                    "with 'module.' prefixes; needs --config) or a .safetensors file from dssn export")
+_MODEL_HELP = ("which network: student or teacher (default: the teacher when the checkpoint has one, since "
+               "the EMA teacher is usually the better; released .pth files hold one network, 'model')")
+_SET_HELP = ("a config override key=value, repeatable: --set eval.mode=sliding --set eval.scales=[0.75,1,1.25] "
+             "--set eval.flip=true --set train.device=cpu (on top of the checkpoint's config or --config)")
+
+
+def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment images, folders or globs with a trained network",
+                       description="Write OUT/masks/NAME.png (class indices, palette PNG with the dataset's "
+                                   "colours, at the image's original size) and OUT/overlays/NAME.jpg (the image "
+                                   "and the coloured mask blended in, side by side) for every input image. "
+                                   "Class names and palette come from the checkpoint, so no dataset is needed. "
+                                   "Inference follows the config's eval section (mode whole or sliding, "
+                                   "scales, flip). Existing outputs are never replaced unless --overwrite.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (searched recursively; sub-folders are kept in OUT) or glob "
+                        "patterns (quote them: 'photos/*.jpg')")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
+    p.add_argument("--model", choices=["student", "teacher", "model"], help=_MODEL_HELP)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images are "
+                                                             "batched together; default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave out images whose outputs already exist (to finish an interrupted run)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help=_SET_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained network to ONNX or safetensors",
+                       description="onnx: image [N,3,H,W] (ImageNet-normalised RGB) -> logits [N,C,H,W] with "
+                                   "dynamic batch and size, class names and palette in the metadata; checked "
+                                   "against PyTorch with onnxruntime (max difference 1e-4). safetensors: the "
+                                   "weights only (nothing to unpickle) with the config, class names and palette "
+                                   "in the metadata, and the config as YAML beside it (OUT with suffix .yaml); "
+                                   "dssn eval / predict read it back. Needs pip install 'dssn[export]'.")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--format", required=True, choices=["onnx", "safetensors"], help="output format")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (e.g. model.onnx, model.safetensors)")
+    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
+    p.add_argument("--model", choices=["student", "teacher", "model"], help=_MODEL_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="onnx: image size used for tracing (default data.crop_size); any size works afterwards")
+    p.add_argument("--opset", type=int, default=17, help="onnx: opset version (default 17)")
+    p.add_argument("--no-check", action="store_true", help="onnx: skip the onnxruntime comparison")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help=_SET_HELP)
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dssn", description="Semi-supervised semantic segmentation with DSSN (ACM MM 2023).")
@@ -186,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one run. CONFIG is a preset name "
                                    f"({', '.join(preset_names())}) or a YAML file (which may name a preset "
                                    "as 'base: NAME'). Outputs go to run_dir (default runs/NAME-METHOD-TIME): "
-                                   "config.yaml, metrics.jsonl, tb/ (TensorBoard), last.pt and best.pt.")
+                                   "config.yaml, metrics.jsonl, tb/ (TensorBoard), last.pt, best.pt and "
+                                   "checkpoints/. Pointed at an existing run folder (run_dir=PATH) it resumes "
+                                   "that run from its newest checkpoint, if the config matches (else it lists "
+                                   "the differing keys; train.resume=force resumes anyway). To resume: "
+                                   "dssn train RUN/config.yaml run_dir=RUN.")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_train)
@@ -194,11 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split",
                        description="Evaluate every network in a checkpoint (student and teacher) and print "
                                    "mIoU and per-class IoU (SPEC 6). A dssn checkpoint carries its config; "
-                                   "override data.root, data.val_split or eval.* to evaluate elsewhere.")
-    p.add_argument("checkpoint", help="a dssn checkpoint (last.pt / best.pt) or a released .pth (needs --config)")
+                                   "override data.root, data.val_split or eval.* to evaluate elsewhere: "
+                                   "eval.mode=whole|center_crop|sliding, eval.crop_size=N, "
+                                   "eval.scales=[0.75,1.0,1.25] and eval.flip=true (multi-scale / flip "
+                                   "averaging). Released .pth files (state dict, under 'model', 'module.' "
+                                   "prefixes) need --config to say what network they hold.")
+    p.add_argument("checkpoint", help="a dssn checkpoint (last.pt / best.pt), a released .pth (needs --config) "
+                                      "or a .safetensors file from dssn export")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.add_argument("--config", help="preset or YAML, required for checkpoints that carry no config")
     p.add_argument("--json", help="also write the scores to this JSON file")
+    p.add_argument("--out", metavar="DIR", help="write DIR/scores.json and DIR/per_class_iou.csv")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="supervised vs DSSN on the built-in dataset, in minutes on a CPU",
@@ -206,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the same 1/16 labeled split with the same iteration budget, evaluates "
                                    "both and prints a table (also written to OUT/results.md and .json).")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and table (default runs/demo)")
-    p.add_argument("--data", default="data/synthetic", help="where the built-in dataset is cached (default data/synthetic)")
+    p.add_argument("--data", default="data/synthetic",
+                   help="where the built-in dataset is cached (default data/synthetic)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; one row per method and seed")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the synthetic preset's)")
     p.add_argument("--methods", nargs="+", default=["supervised", "dssn"],
@@ -214,14 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + "; applied to every run")
     p.set_defaults(func=_cmd_demo)
     _add_data_parsers(sub)
+    _add_inference_parsers(sub)
+    from dssn.viz.commands import add_parsers as _add_viz_parsers  # report, compare, sweep (issue 6)
+
+    _add_viz_parsers(sub, OVERRIDES_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides written after an option (dssn eval CKPT --config X key=value)
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                         for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (DssnError, FileNotFoundError) as err:
+    except (DssnError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from dssn.errors import DssnError
 
@@ -106,6 +106,23 @@ class TrainConfig(_Section):
     """Evaluate every N epochs (and always at the end)."""
     log_every: int = 20
     progress: bool = True
+    report: bool = True
+    """Write ``report.html`` into the run folder when training ends (``dssn report RUN`` redoes it)."""
+    # ---- checkpoints and resume (issue 4)
+    checkpoint_every: int = Field(1000, ge=0)
+    """Write a checkpoint every N iterations (0: only at epoch ends); one is always written at each
+    epoch end and at the last step."""
+    keep_last: int = Field(2, ge=0)
+    """Periodic checkpoints kept in ``checkpoints/`` (older ones are deleted); ``last.pt`` and
+    ``best.pt`` are always kept. 0: only ``last.pt`` and ``best.pt``."""
+    resume: Literal["auto", "never", "force"] = "auto"
+    """``run_dir`` already holding a run: ``auto`` resumes it if its config matches (else refuses and
+    lists the differing keys), ``force`` resumes it with the new config anyway, ``never`` refuses."""
+    deterministic: bool = False
+    """Deterministic algorithms only (``torch.use_deterministic_algorithms``): with it, a run that is
+    interrupted and resumed ends bit-identical to one that ran straight through (CPU)."""
+    stop_after: int | None = Field(None, ge=1)
+    """Debugging: stop after this many iterations as if killed (no extra checkpoint, no final eval)."""
 
 
 class EvalConfig(_Section):
@@ -114,6 +131,34 @@ class EvalConfig(_Section):
     """Window / crop size; defaults to ``data.crop_size``."""
     stride_ratio: float = 2 / 3
     batch_size: int = 1
+    scales: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)
+    """Test-time scales: the image is resized by each and the softmax probabilities are averaged
+    at the original size (e.g. [0.75, 1.0, 1.25]); [1.0] is plain single-scale inference."""
+    flip: bool = False
+    """Also average the horizontally flipped image's probabilities."""
+
+
+class DiagConfig(_Section):
+    """Training diagnostics (issue 6): pseudo-label statistics, health checks, image panels."""
+
+    enabled: bool = True
+    """Compute the statistics at log steps (``train.log_every``); other steps are unaffected."""
+    panels: int = 4
+    """Validation and unlabeled images drawn at each evaluation (TensorBoard, report); 0 for none."""
+    fixed_threshold: float = 0.95
+    """The fixed confidence threshold CPLG's per-class selection is compared with."""
+    grace: float = 0.05
+    """Health warnings start after this fraction of the iterations (and after the warm-up)."""
+    patience: int = Field(3, ge=1)
+    """A health rule is reported once it has held at this many consecutive log steps."""
+    max_align_share: float = 0.5
+    min_align_share: float = 1e-4
+    max_random_similarity: float = 0.99
+    min_selected: float = 0.02
+    collapse_ratio: float = 0.25
+    max_teacher_distance: float = 0.5
+    max_teacher_gap: float = 10.0
+    """Thresholds of the health rules; see ``dssn.method.diagnostics.HealthRules`` and docs/diagnostics.md."""
 
 
 class Config(_Section):
@@ -125,6 +170,7 @@ class Config(_Section):
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    diag: DiagConfig = DiagConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

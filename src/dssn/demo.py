@@ -64,4 +64,8 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
+    from dssn.viz.compare import compare_runs  # per-class winners: compare.md/.csv/.png (issue 6)
+
+    print()
+    compare_runs([r["run_dir"] for r in rows], out_dir)
     return rows

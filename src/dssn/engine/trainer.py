@@ -7,32 +7,30 @@ dict of losses and the engine back-propagates ``losses["loss"]``.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dssn.config import Config
 from dssn.data import build_train_datasets, build_val_dataset, class_names_for, palette_for
-from dssn.engine.checkpoint import atomic_save
-from dssn.errors import DssnError
+from dssn.engine.checkpoint import FORMAT, capture_rng_state, restore_rng_state, save_checkpoint, state_nbytes
+from dssn.engine.rundir import check_free_space, open_run_dir
+from dssn.engine.sampling import ResumableSampler, SeededDataset
+from dssn.errors import TrainingError
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
+from dssn.engine.monitor import TrainingMonitor
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
 from dssn.models import build_model
-
-
-class TrainingError(DssnError, RuntimeError):
-    """Training cannot go on (non-finite loss, unusable run folder)."""
 
 
 @dataclass
@@ -74,6 +72,64 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
                       persistent_workers=num_workers > 0)
 
 
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
+                      device: torch.device) -> DataLoader:
+    """A shuffled training loader whose stream can stop and continue exactly (``engine.sampling``):
+    the order and every sample's augmentation depend only on ``(seed, epoch, position)``."""
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size,
+                      sampler=ResumableSampler(len(dataset), seed), drop_last=True,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: deterministic kernels only (a warning where one has none)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step at which each loss term was NaN or infinite.
+
+    ``update`` adds a few tiny device ops per step and no host synchronisation;
+    ``check`` (at log steps and before every checkpoint) reads it back and raises.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        names = tuple(losses)
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        steps, first_values = self.first.get(names) or (
+            torch.full_like(values, -1, dtype=torch.long), torch.zeros_like(values))
+        new = ~torch.isfinite(values) & (steps < 0)
+        self.first[names] = (torch.where(new, step, steps), torch.where(new, values, first_values))
+
+    def check(self, run_dir: Path, last_saved: int | None) -> None:
+        found: list[tuple[int, str, float]] = []
+        for names, (steps, values) in self.first.items():
+            for name, s, v in zip(names, steps.tolist(), values.tolist()):
+                if s >= 0:
+                    found.append((s, name, v))
+        if not found:
+            return
+        step = min(s for s, _, _ in found)
+        terms = [(n, v) for s, n, v in found if s == step]
+        # Name the terms that caused it before the total they feed into.
+        terms.sort(key=lambda t: t[0] == "loss")
+        listed = ", ".join(f"'{n}' = {v}" for n, v in terms)
+        kept = (f"the last good checkpoint (step {last_saved}) in {run_dir} is intact"
+                if last_saved is not None else f"no checkpoint had been written to {run_dir} yet")
+        raise TrainingError(f"non-finite loss at step {step}: {listed}. Training stopped; {kept} and nothing "
+                            "after the failure was saved. Try a lower train.lr, or check the data.")
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (SPEC 3.8)."""
     backbone, rest = model.param_groups()
@@ -85,28 +141,15 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     )
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """A fresh output folder; an existing non-empty one is never written into."""
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.name}-{cfg.method.name}-{stamp}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainingError(f"run folder '{run_dir}' already exists and is not empty; "
-                            "choose another with run_dir=PATH (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run_dir
-
-
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
+        """``resume``: a checkpoint of this run (``engine.checkpoint``) to continue from."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.train.seed)
         self.class_names = class_names_for(cfg)
 
@@ -116,32 +159,85 @@ class Trainer:
         if self.method_uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
-            self.unlabeled_loader = make_loader(unlabeled, t.batch_size_unlabeled, True, t.seed + 1, workers, self.device)
-            self.mix_loader = make_loader(unlabeled, t.batch_size_unlabeled, True, t.seed + 2, workers, self.device)
+            self.unlabeled_loader = make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + 1, workers, self.device)
+            self.mix_loader = make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + 2, workers, self.device)
             self.iters_per_epoch = len(self.unlabeled_loader)
-        self.labeled_loader = make_loader(labeled, t.batch_size, True, t.seed, workers, self.device)
+        self.labeled_loader = make_train_loader(labeled, t.batch_size, t.seed, workers, self.device)
         if not self.method_uses_unlabeled:
             self.iters_per_epoch = len(self.labeled_loader)
         if self.iters_per_epoch == 0:
             raise TrainingError("the training set is smaller than one batch; lower train.batch_size")
         self.total_iters = t.iters or t.epochs * self.iters_per_epoch
-        self.val_loader = make_loader(build_val_dataset(cfg), cfg.eval.batch_size, False, 0,
+        val_dataset = build_val_dataset(cfg)
+        self.val_loader = make_loader(val_dataset, cfg.eval.batch_size, False, 0,
                                       min(workers, 2), self.device, drop_last=False)
 
         student = build_model(cfg).to(self.device)
         self.method: Method = build_method(cfg, student, self.iters_per_epoch).to(self.device)
         self.optimizer = build_optimizer(student, cfg)
-        self.logger = RunLogger(run_dir, self.total_iters, progress=t.progress)
+        # Checkpoint size: every network's state plus the optimizer's momentum (one per parameter).
+        checkpoint_bytes = (state_nbytes(*(m.state_dict() for m in self.method.modules().values()))
+                            + state_nbytes(dict(student.named_parameters())))
+        check_free_space(run_dir, checkpoint_bytes, t.keep_last, resuming=resume is not None)
+        # An existing run folder (resumed, or started over) purges what the killed run logged after it.
+        resume_step = int(resume["step"]) if resume else (0 if (run_dir / "metrics.jsonl").exists() else None)
+        self.logger = RunLogger(run_dir, self.total_iters, progress=t.progress, resume_step=resume_step)
+        self.monitor = TrainingMonitor(cfg, run_dir, self.method, self.optimizer, self.logger, self.class_names,
+                                       palette_for(cfg), self.iters_per_epoch, self.total_iters, val_dataset,
+                                       self.device)
         self.step = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
+        self.nonfinite = NonFiniteWatch()
+        self.last_saved: int | None = None
+        self.last_eval: dict[str, Any] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: networks, optimizer, step, best score, history, RNG states."""
+        models = state["models"]
+        for name, module in self.method.modules().items():
+            if name not in models:
+                raise TrainingError(f"the checkpoint in {self.run_dir} has no '{name}' network "
+                                    f"(it has {', '.join(models)}); it was made by another method")
+            module.load_state_dict(models[name])
+        # The config decides the hyper-parameters (they differ only under train.resume=force).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, hyper):
+            group.update(values)
+        self.step = int(state["step"])
+        self.best_miou = float(state["best_miou"]) / 100
+        self.history = list(state.get("history", []))
+        self.last_eval = dict(state.get("eval") or {})
+        self.last_saved = self.step
+        if "rng" in state:
+            self._rng_to_restore = state["rng"]
+        else:
+            self.logger.message("warning: this checkpoint predates RNG states; the resumed run continues "
+                                "with fresh random streams (not bit-identical)")
+        if self.step >= self.total_iters:
+            self.logger.message(f"the run in {self.run_dir} has already finished (step {self.step}/"
+                                f"{self.total_iters}); nothing to train, its last scores follow")
+        else:
+            self.logger.message(f"resuming {self.run_dir} from step {self.step}/{self.total_iters}")
 
     # ---- data -----------------------------------------------------------------
     def _batches(self):
         """Endless stream of ``Batch`` on the device, one epoch after another."""
         dev = self.device
         nb = dev.type == "cuda"
+        loaders = [self.labeled_loader]
+        if self.method_uses_unlabeled:
+            loaders += [self.unlabeled_loader, self.mix_loader]
+        # Start where the run stands: a resumed run skips the batches its epoch already used.
+        epoch, skip = divmod(self.step, self.iters_per_epoch)
         while True:
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch, skip * loader.batch_size)
+            epoch, skip = epoch + 1, 0
             if self.method_uses_unlabeled:
                 for (x, y), u, u_mix in zip(self.labeled_loader, self.unlabeled_loader, self.mix_loader):
                     yield Batch((x.to(dev, non_blocking=nb), y.to(dev, non_blocking=nb)),
@@ -160,10 +256,16 @@ class Trainer:
         n_running = 0
         batches = self._batches()
         final: dict[str, EvalResult] = {}
+        stopped = False
+        first_step = self.step
+        if self._rng_to_restore is not None:  # last, so that nothing draws between it and the loop
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         while self.step < self.total_iters:
             batch = next(batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = poly_lr(group["base_lr"], self.step, self.total_iters, cfg.poly_power)
+            self.monitor.before_step(self.step, batch)
             losses = self.method.training_step(batch, self.step)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -173,8 +275,10 @@ class Trainer:
             for k, v in losses.items():
                 running[k] = running.get(k, 0) + v.detach()
             n_running += 1
+            self.nonfinite.update(losses, self.step + 1)
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == self.total_iters:
+                self.nonfinite.check(self.run_dir, self.last_saved)
                 self._log_train(running, n_running)
                 running, n_running = {}, 0
             self.logger.advance()
@@ -184,9 +288,20 @@ class Trainer:
             if (epoch_done and epoch % cfg.eval_every == 0) or self.step == self.total_iters:
                 final = self._evaluate_and_checkpoint(epoch)
                 self.method.train()
+            periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if (epoch_done or periodic) and self.last_saved != self.step:
+                self._save(epoch)
+            if cfg.stop_after and self.step >= cfg.stop_after and self.step < self.total_iters:
+                stopped = True  # debugging: as if killed here (no extra checkpoint, no final evaluation)
+                break
         wall = time.perf_counter() - start
         self.logger.close()
+        if stopped:
+            return TrainResult(self.run_dir, {}, self.best_miou * 100, self.step, wall, self.history)
+        if self.step == first_step:  # a resumed run that had already finished: report its last scores
+            return TrainResult(self.run_dir, self.last_eval, self.best_miou * 100, self.step, wall, self.history)
         summary = {name: r.summary(self.class_names) for name, r in final.items()}
+        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
         return TrainResult(self.run_dir, summary, self.best_miou * 100, self.step, wall, self.history)
 
     def _log_train(self, running: dict[str, torch.Tensor], n: int) -> None:
@@ -198,27 +313,43 @@ class Trainer:
                 raise TrainingError(f"loss term '{name}' became {value} by step {self.step}; "
                                     f"the last checkpoint in {self.run_dir} is intact. Try a lower train.lr.")
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.monitor.on_log(self.step, scalars)  # adds img_s, lr_head; logs the diagnostics
         self.logger.log_train(self.step, scalars)
 
     def _evaluate_and_checkpoint(self, epoch: int) -> dict[str, EvalResult]:
+        self.nonfinite.check(self.run_dir, self.last_saved)  # a diverged model is neither scored nor saved
         e = self.cfg.eval
+        eval_start = time.perf_counter()
         results = evaluate(self.method.eval_models(), self.val_loader, self.cfg.data.num_classes, self.device,
-                           e.mode, e.crop_size or self.cfg.data.crop_size, e.stride_ratio)
+                           e.mode, e.crop_size or self.cfg.data.crop_size, e.stride_ratio, e.scales, e.flip)
         summary = {name: r.summary(self.class_names) for name, r in results.items()}
         self.logger.log_eval(self.step, epoch, summary)
+        self.monitor.on_eval(self.step, epoch, summary, time.perf_counter() - eval_start)
         self.history.append({"step": self.step, "epoch": epoch, **{n: s["miou"] for n, s in summary.items()}})
+        self.last_eval = summary
         best_now = max(r.miou for r in results.values())
-        state = self._checkpoint_state(epoch, summary)
-        atomic_save(state, self.run_dir / "last.pt")
-        if best_now > self.best_miou:
+        improved = best_now > self.best_miou
+        if improved:
             self.best_miou = best_now
-            state["best_miou"] = best_now * 100
-            atomic_save(state, self.run_dir / "best.pt")
+        self._save(epoch, best=improved)
         return results
+
+    def _save(self, epoch: int, best: bool = False) -> None:
+        """Checkpoint the current state (``last.pt``, ``checkpoints/``, and ``best.pt`` if ``best``)."""
+        self.nonfinite.check(self.run_dir, self.last_saved)  # a non-finite state is never saved
+        state = self._checkpoint_state(epoch, self.last_eval)
+        try:
+            save_checkpoint(self.run_dir, state, self.cfg.train.keep_last, best=best)
+        except OSError as err:
+            kept = f"step {self.last_saved}" if self.last_saved is not None else "none yet"
+            raise TrainingError(f"could not write the checkpoint of step {self.step} in {self.run_dir}: "
+                                f"{err.strerror or err}. The previous checkpoint ({kept}) is intact; free some "
+                                "space and run the same command again to resume") from None
+        self.last_saved = self.step
 
     def _checkpoint_state(self, epoch: int, summary: dict) -> dict[str, Any]:
         return {
-            "format": "dssn-checkpoint-1",
+            "format": FORMAT,
             "step": self.step,
             "epoch": epoch,
             "best_miou": self.best_miou * 100,
@@ -228,6 +359,10 @@ class Trainer:
             "class_names": self.class_names,
             "palette": palette_for(self.cfg),
             "eval": summary,
+            "history": self.history,
+            "rng": capture_rng_state(),
+            "data": {"iters_per_epoch": self.iters_per_epoch, "epoch": self.step // self.iters_per_epoch,
+                     "batches_done": self.step % self.iters_per_epoch},
         }
 
 
@@ -236,5 +371,5 @@ def train(cfg: Config) -> TrainResult:
     from dssn.data.check import check_before_training
 
     check_before_training(cfg)  # fast data check first: stop before a run folder or model exists
-    run_dir = prepare_run_dir(cfg)
-    return Trainer(cfg, run_dir).fit()
+    run_dir, found = open_run_dir(cfg)  # a new run, or the run already in run_dir to resume
+    return Trainer(cfg, run_dir, resume=found[1] if found else None).fit()

@@ -34,9 +34,15 @@ class Method(ABC):
 
     name: str = "method"
     uses_unlabeled: bool = True
+    collect_diagnostics: bool = False
+    """Set by the engine on the steps it will log: the step then also stores its
+    diagnostics (``method/diagnostics.py``) for ``pop_diagnostics``; other steps pay nothing."""
+    diag_threshold: float = 0.95
+    """The fixed confidence threshold CPLG's selection is compared with (``diag.fixed_threshold``)."""
 
     def __init__(self, student: nn.Module) -> None:
         self.student = student
+        self._diagnostics: dict[str, Tensor] = {}
 
     @abstractmethod
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -48,6 +54,26 @@ class Method(ABC):
 
     def after_optimizer_step(self, step: int) -> None:
         """Hook after ``optimizer.step()`` (the EMA teacher update lives here)."""
+
+    def pop_diagnostics(self) -> dict[str, Tensor]:
+        """Tensors stored by the last step run with ``collect_diagnostics`` (then cleared).
+
+        Names and shapes: ``select_counts`` [2, C] and ``cplg_vs_fixed`` [3, C] (int64
+        counts), ``cplg_thr`` [2, C], and 0-dim ``agreement``, ``teacher_distance``,
+        ``sim/img`` / ``sim/feat`` [2] (positive, random); each only where the method has it.
+        """
+        out, self._diagnostics = self._diagnostics, {}
+        return out
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each logged loss term in ``loss`` (for the terms' shares of the total)."""
+        return {}
+
+    @torch.no_grad()
+    def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(logits, selected)`` the method would train on for weak views ``[B,3,H,W]``, for
+        display; None for methods without pseudo labels. Must not change any state."""
+        return None
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Networks to evaluate, by name."""

@@ -22,6 +22,14 @@ from dssn.method.components import (
     masked_unlabeled_ce,
     threshold_mask,
 )
+from dssn.method.diagnostics import (
+    class_selection_counts,
+    cplg_thresholds,
+    cplg_vs_fixed_counts,
+    parameter_distance,
+    positive_vs_random_similarity,
+    prediction_agreement,
+)
 
 
 class DSSN(Method):
@@ -38,6 +46,7 @@ class DSSN(Method):
         self.warmup_steps = max(cfg.warmup_steps, round(cfg.warmup_epochs * iters_per_epoch))
         # The perturbed feature streams exist only for L_fp and the feature-level alignment.
         self.n_perturb = 2 if (cfg.loss_feature or cfg.align_feature) else 0
+        self._diag_generator: torch.Generator | None = None
 
     def select(self, logits: Tensor) -> Tensor:
         if self.cfg.selection == "cplg":
@@ -103,6 +112,9 @@ class DSSN(Method):
         loss_c = align_img + align_feat
         loss = cfg.weight_x * loss_x + cfg.weight_u * (loss_s + loss_fp) + cfg.lambda_c * loss_c
 
+        if self.collect_diagnostics:  # only on the steps the engine logs
+            self._diagnostics = self._diagnose(p_w, t, t1, y1, m1, ign1, u["ign"], (q1, q2),
+                                               (f1, f2) if self.n_perturb else None)
         return {
             "loss": loss,
             "x": loss_x.detach(),
@@ -120,6 +132,44 @@ class DSSN(Method):
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher}
+
+    # ---- diagnostics (issue 6) -------------------------------------------------------------
+    @torch.no_grad()
+    def _diagnose(self, p_w: Tensor, t: Tensor, t1: Tensor, y1: Tensor, m1: Tensor, ign1: Tensor, ign: Tensor,
+                  q: tuple[Tensor, Tensor], f: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+        """Pseudo-label statistics of the image-level view 1 (the one ``selected_t`` counts) and
+        the paper's health checks, as tensors; see ``method/diagnostics.py``."""
+        cfg, c = self.cfg, t1.shape[1]
+        if self._diag_generator is None or self._diag_generator.device != t1.device:
+            # Its own generator: diagnostics never move the random stream that training draws from.
+            self._diag_generator = torch.Generator(device=t1.device).manual_seed(0)
+        out = {
+            "select_counts": class_selection_counts(y1, m1, ign1, c),
+            "cplg_thr": cplg_thresholds(t1, cfg.tau_low, cfg.ratio),
+            "cplg_vs_fixed": cplg_vs_fixed_counts(t1, ign1, cfg.tau_low, cfg.ratio, self.diag_threshold),
+            "agreement": prediction_agreement(p_w, t, ign),
+            "teacher_distance": parameter_distance(self.teacher, self.student),
+            "sim/img": positive_vs_random_similarity(q[0], q[1], generator=self._diag_generator),
+        }
+        if f is not None:
+            out["sim/feat"] = positive_vs_random_similarity(f[0], f[1], generator=self._diag_generator)
+        return out
+
+    def loss_weights(self) -> dict[str, float]:
+        cfg = self.cfg
+        return {"x": cfg.weight_x, "s": cfg.weight_u, "fp": cfg.weight_u, "c_img": cfg.lambda_c,
+                "c_feat": cfg.lambda_c}
+
+    @torch.no_grad()
+    def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's labels and selection on weak views (teacher in eval mode: no BN update)."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            logits = self.teacher(weak)
+        finally:
+            self.teacher.train(was_training)
+        return logits, self.select(logits)
 
 
 def _selected_fraction(selected: Tensor, ignore: Tensor) -> Tensor:

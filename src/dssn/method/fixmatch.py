@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from dssn.config import MethodConfig, TrainConfig
 from dssn.method.base import Batch, Method
-from dssn.method.components import IGNORE, cutmix, labeled_loss
+from dssn.method.components import IGNORE, cutmix, labeled_loss, threshold_mask
+from dssn.method.diagnostics import class_selection_counts, cplg_thresholds, cplg_vs_fixed_counts
 
 
 class FixMatch(Method):
@@ -27,7 +28,8 @@ class FixMatch(Method):
         # The donor's prediction: student in eval mode, no gradient.
         self.student.eval()
         with torch.no_grad():
-            conf_mix, y_mix = self.student(u_mix["w"]).softmax(dim=1).max(dim=1)
+            logits_mix = self.student(u_mix["w"])
+            conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
         self.student.train()
 
         s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
@@ -46,9 +48,36 @@ class FixMatch(Method):
         selected = (conf1 >= self.cfg.threshold) & valid
         loss_u = (F.cross_entropy(q1, y1, reduction="none") * selected).sum() / valid.sum().clamp_min(1)
         loss = (loss_x + loss_u) / 2
+        if self.collect_diagnostics:  # only on the steps the engine logs
+            self._diagnostics = self._diagnose(cutmix(p_w, logits_mix, u["b1"]), y1, selected, ign1)
         return {
             "loss": loss,
             "x": loss_x.detach(),
             "u": loss_u.detach(),
             "selected_w": (selected.sum() / valid.sum().clamp_min(1)).detach(),
         }
+
+    # ---- diagnostics (issue 6) -------------------------------------------------------------
+    @torch.no_grad()
+    def _diagnose(self, logits1: Tensor, y1: Tensor, selected: Tensor, ign1: Tensor) -> dict[str, Tensor]:
+        """Statistics of the pseudo labels of the strong view (CPLG's numbers for comparison)."""
+        cfg, c = self.cfg, logits1.shape[1]
+        return {
+            "select_counts": class_selection_counts(y1, selected, ign1, c),
+            "cplg_thr": cplg_thresholds(logits1, cfg.tau_low, cfg.ratio),
+            "cplg_vs_fixed": cplg_vs_fixed_counts(logits1, ign1, cfg.tau_low, cfg.ratio, self.diag_threshold),
+        }
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"x": 0.5, "u": 0.5}
+
+    @torch.no_grad()
+    def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:
+        """The student's labels on weak views (eval mode) and the fixed-threshold selection."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            logits = self.student(weak)
+        finally:
+            self.student.train(was_training)
+        return logits, threshold_mask(logits, self.cfg.threshold)

@@ -22,3 +22,6 @@ class Supervised(Method):
         loss = labeled_loss(self.student(x), y, self.train_cfg.labeled_loss,
                             self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
         return {"loss": loss, "x": loss.detach()}
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"x": 1.0}
