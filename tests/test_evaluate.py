@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import dssn
 from dssn.engine.evaluate import confusion_matrix, evaluate, predict, sliding_window_logits, window_starts
+from nets import PixelwiseNet
 
 
 def test_confusion_matrix_and_miou_by_hand():
@@ -46,17 +46,6 @@ def test_window_starts_cover_and_stay_inside():
             covered[s : s + win] = True
         assert covered.all()
 
-
-class PixelwiseNet(nn.Module):
-    """Each pixel's scores depend only on that pixel, so windows cannot change them."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def test_sliding_window_matches_whole_image_for_a_pixelwise_model():

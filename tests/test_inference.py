@@ -19,6 +19,7 @@ from dssn.engine.evaluate import predict, predict_tta
 from dssn.engine.inference import load_for_inference
 from dssn.engine.trainer import train
 from dssn.models import build_model
+from nets import PixelwiseNet
 
 TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.decoder_channels=8", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=4", "train.eval_every=100",
@@ -112,15 +113,6 @@ def test_eval_of_a_dssn_checkpoint_scores_student_and_teacher(run, tmp_path, cap
 
 # ---------------------------------------------------------------- multi-scale and flip
 
-
-class PixelwiseNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def test_flip_and_scale_averaging():
