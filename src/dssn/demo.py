@@ -45,10 +45,10 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
             cfg = load_config("synthetic", [f"method.name={method}", f"train.seed={seed}", f"data.root={data_root}",
                                             f"run_dir={out_dir / f'{method}-seed{seed}'}", *extra, *overrides])
             if method == "supervised":
-                # As the authors do (SPEC 4b): the labeled batch is doubled, so that every
-                # method sees the same number of images per step.
+                # Same labeled batch as DSSN; DSSN weighs its labeled loss by weight_x (0.5), so the
+                # baseline's learning rate is scaled by it: both take the same step on L_x.
                 t = cfg.train
-                cfg.train = t.model_copy(update={"batch_size": t.batch_size + t.batch_size_unlabeled})
+                cfg.train = t.model_copy(update={"lr": t.lr * cfg.method.weight_x})
             print(f"\n== {method}, seed {seed}: {cfg.train.iters} iterations on {cfg.data.labeled_split} ==")
             result = train(cfg)
             student = result.final["student"]
