@@ -156,7 +156,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
 def test_different_config_is_refused_with_the_differing_keys(data_root, tmp_path):
     run = tmp_path / "run"
-    train(tiny(data_root, run, "method.name=supervised", "train.iters=2"))
+    train(tiny(data_root, run, "method.name=supervised", "train.iters=2", "train.lr=0.01"))
     with pytest.raises(TrainingError) as err:
         train(tiny(data_root, run, "method.name=supervised", "train.iters=3", "train.lr=0.05"))
     message = str(err.value)
