@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import dssn
+import dssn.method.components
 from dssn.method.components import (
     cplg_mask,
     cutmix,
@@ -159,3 +160,14 @@ def test_ohem_keeps_hard_pixels():
     # Ignored pixels never count.
     target[0, 0, 1] = 255
     assert ohem_ce(logits, target, 0.7, 1).item() == pytest.approx(-math.log(0.3))
+
+
+def test_eval_mode_logits_uses_running_stats_and_restores_the_mode():
+    net = _tiny_net().train()
+    net[1].running_mean.fill_(2.0)
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    out = dssn.method.components.eval_mode_logits(net, x)
+    expected = net[0](x).sub(2.0).div((1 + net[1].eps) ** 0.5) * net[1].weight.view(1, -1, 1, 1) \
+        + net[1].bias.view(1, -1, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-6) and not out.requires_grad
+    assert net.training and net[1].running_mean.eq(2.0).all()  # mode restored, statistics untouched

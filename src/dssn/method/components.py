@@ -124,6 +124,17 @@ def _tensors(module: nn.Module) -> list[Tensor]:
     return [p.data for p in module.parameters()] + list(module.buffers())
 
 
+@torch.no_grad()
+def eval_mode_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Predict with BN on running statistics (no BN update, no gradient), then restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
 def poly_lr(base_lr: float, it: int, total_iters: int, power: float = 0.9) -> float:
     """Poly schedule per iteration: ``lr * (1 - it / total) ** power``."""
     return base_lr * (1.0 - it / total_iters) ** power

@@ -18,6 +18,7 @@ from dssn.method.components import (
     cplg_mask,
     cutmix,
     ema_update,
+    eval_mode_logits,
     labeled_loss,
     masked_unlabeled_ce,
     threshold_mask,
@@ -163,12 +164,7 @@ class DSSN(Method):
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:
         """The teacher's labels and selection on weak views (teacher in eval mode: no BN update)."""
-        was_training = self.teacher.training
-        self.teacher.eval()
-        try:
-            logits = self.teacher(weak)
-        finally:
-            self.teacher.train(was_training)
+        logits = eval_mode_logits(self.teacher, weak)
         return logits, self.select(logits)
 
 

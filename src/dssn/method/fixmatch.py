@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dssn.config import MethodConfig, TrainConfig
 from dssn.method.base import Batch, Method
-from dssn.method.components import IGNORE, cutmix, labeled_loss, threshold_mask
+from dssn.method.components import IGNORE, cutmix, eval_mode_logits, labeled_loss, threshold_mask
 from dssn.method.diagnostics import class_selection_counts, cplg_thresholds, cplg_vs_fixed_counts
 
 
@@ -26,11 +26,8 @@ class FixMatch(Method):
         n_x = x.shape[0]
 
         # The donor's prediction: student in eval mode, no gradient.
-        self.student.eval()
-        with torch.no_grad():
-            logits_mix = self.student(u_mix["w"])
-            conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
-        self.student.train()
+        logits_mix = eval_mode_logits(self.student, u_mix["w"])
+        conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
 
         s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
         p = self.student(torch.cat((x, u["w"])))
@@ -74,10 +71,5 @@ class FixMatch(Method):
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:
         """The student's labels on weak views (eval mode) and the fixed-threshold selection."""
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            logits = self.student(weak)
-        finally:
-            self.student.train(was_training)
+        logits = eval_mode_logits(self.student, weak)
         return logits, threshold_mask(logits, self.cfg.threshold)
