@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from dssn.config import load_config
-from dssn.data.synthetic import make_synthetic
 from dssn.engine import checkpoint as ckpt
 from dssn.engine import rundir
 from dssn.engine.trainer import TrainingError, train
@@ -24,13 +23,6 @@ TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.decoder_chan
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=4", "train.eval_every=100",
         "train.log_every=1", "train.progress=false", "train.threads=1", "train.deterministic=true",
         "train.report=false", "diag.panels=0", "train.device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, num_train=32, num_val=4, size=48)
-    return root
 
 
 def overrides(data_root, run_dir, *extra):

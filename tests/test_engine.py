@@ -8,15 +8,7 @@ import torch
 from dssn.cli import main
 from dssn.config import load_config
 from dssn.data import DataError
-from dssn.data.synthetic import make_synthetic
 from dssn.engine.trainer import TrainingError, train
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, seed=0, num_train=32, num_val=4, size=48)
-    return root
 
 
 def tiny(data_root, run_dir, *extra):

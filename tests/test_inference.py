@@ -14,7 +14,6 @@ from torch import nn
 
 from dssn.cli import main
 from dssn.config import load_config
-from dssn.data.synthetic import make_synthetic
 from dssn.engine.evaluate import predict, predict_tta
 from dssn.engine.inference import load_for_inference
 from dssn.engine.trainer import train
@@ -24,13 +23,6 @@ from nets import PixelwiseNet
 TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.decoder_channels=8", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=4", "train.eval_every=100",
         "train.progress=false", "train.threads=1", "train.report=false", "diag.panels=0"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, num_train=32, num_val=4, size=48)
-    return root
 
 
 @pytest.fixture(scope="module")

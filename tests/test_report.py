@@ -10,7 +10,6 @@ import yaml
 
 from dssn.cli import main
 from dssn.config import load_config
-from dssn.data.synthetic import make_synthetic
 from dssn.engine.trainer import TrainResult, train
 from dssn.sweep import expand_grid, parse_sweep_args, plan_sweep, run_name, run_sweep
 from dssn.viz.compare import compare_runs
@@ -19,13 +18,6 @@ from dssn.viz.report import SECTIONS
 TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.decoder_channels=8", "data.crop_size=32",
         "data.num_workers=0", "train.iters=3", "train.batch_size=2", "train.batch_size_unlabeled=2",
         "train.threads=1", "train.progress=false", "train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, num_train=32, num_val=4, size=48)
-    return root
 
 
 @pytest.fixture(scope="module")
