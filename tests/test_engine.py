@@ -11,11 +11,15 @@ from dssn.data import DataError
 from dssn.engine.trainer import TrainingError, train
 
 
-def tiny(data_root, run_dir, *extra):
-    return load_config("synthetic", [
+def tiny_overrides(data_root, run_dir, *extra):
+    return [
         f"data.root={data_root}", f"run_dir={run_dir}", "model.decoder_channels=16", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=2", "train.iters=3",
-        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", "train.report=false", *extra])
+        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", "train.report=false", *extra]
+
+
+def tiny(data_root, run_dir, *extra):
+    return load_config("synthetic", tiny_overrides(data_root, run_dir, *extra))
 
 
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "dssn"])
@@ -78,3 +82,25 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["train", "synthetic", "train.lrr=0.1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'train.lrr'" in err and "train.lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_the_loss_scale(data_root, tmp_path, precision):
+    run = tmp_path / "run"
+    result = train(tiny(data_root, run, "method.name=dssn", "train.iters=2", f"train.precision={precision}"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses)
+    assert 0 <= result.final["teacher"]["miou"] <= 100
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ("scaler" in ckpt) == (precision == "fp16")  # fp16's dynamic loss scale resumes with the run
+    # The networks stay float32 (autocast computes in low precision, the weights are not cast).
+    assert all(v.dtype == torch.float32 for v in ckpt["models"]["student"].values() if v.is_floating_point())
+
+
+def test_compiled_student_trains(data_root, tmp_path):
+    result = train(tiny(data_root, tmp_path / "run", "method.name=supervised", "train.iters=2", "train.compile=true",
+                        "model.checkpoint_backbone=true"))
+    assert result.iters == 2 and 0 <= result.final["student"]["miou"] <= 100
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["models"]["student"])  # the network's own names

@@ -100,11 +100,27 @@ def literal_step(student, teacher, batch, step, tau_low=0.92, ratio=0.96, warmup
             "c_img": align(q1, q2), "c_feat": align(f1, f2)}
 
 
-@pytest.mark.parametrize("step", [0, 3])
-def test_dssn_step_equals_literal_spec(step):
+def channels_last(batch):
+    def cl(t):
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    return Batch(tuple(cl(t) for t in batch.labeled), {k: cl(v) for k, v in batch.unlabeled.items()},
+                 {k: cl(v) for k, v in batch.mix.items()})
+
+
+@pytest.mark.parametrize("step,speed", [(0, None), (3, None), (3, "channels_last"), (3, "checkpoint_backbone")])
+def test_dssn_step_equals_literal_spec(step, speed):
+    """Our step (batched streams, inference-mode teacher, and optionally the speed switches of
+    issue 5) against the literal reading: losses within 1e-5, gradients and BN statistics too."""
     method, _ = make_method()
     student, teacher = copy.deepcopy(method.student), copy.deepcopy(method.teacher)
     batch = make_batch()
+    if speed == "channels_last":
+        method.student.to(memory_format=torch.channels_last)
+        method.teacher.to(memory_format=torch.channels_last)
+        batch = channels_last(batch)
+    elif speed == "checkpoint_backbone":
+        method.student.backbone.checkpoint_stages = True
     torch.manual_seed(123)
     ours = method.training_step(batch, step)
     torch.manual_seed(123)  # same dropout masks in the perturbed streams
@@ -117,7 +133,8 @@ def test_dssn_step_equals_literal_spec(step):
     ours["loss"].backward()
     ref["loss"].backward()
     for (name, a), b in zip(method.student.named_parameters(), student.parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+        # Relative to the gradient's norm: channels-last convolutions sum in another order.
+        assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm() + 1e-7, name
     # BN statistics of the teacher moved as in two separate passes.
     for a, b in zip(method.teacher.buffers(), teacher.buffers()):
         assert torch.allclose(a, b, atol=1e-6)

@@ -438,3 +438,24 @@ def test_backbone_width_scales_every_stage_and_keeps_names():
     assert narrow.state_dict()["backbone.conv1.6.weight"].shape == (32, 16, 3, 3)
     assert narrow.state_dict()["head.b0.0.weight"].shape == (16, 128, 1, 1)  # ASPP keeps high/8
     assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_activation_checkpointing_changes_neither_gradients_nor_bn_statistics():
+    """Recomputing the backbone stages in backward gives the same gradients, and the running BN
+    statistics move once per forward, not twice (a plain checkpoint would update them again)."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = dssn.DeepLabV3Plus(4, backbone="resnet18", decoder_channels=16, backbone_width=8)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.backbone.checkpoint_stages = True
+    x = torch.randn(2, 3, 48, 48)
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout in the perturbed streams
+        out, (fp1, _) = net(x, n_perturb=2)
+        (out.square().mean() + fp1.mean()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers()):
+        assert torch.equal(a, b), name
+    assert int(checkpointed.backbone.bn1.num_batches_tracked) == 1

@@ -19,6 +19,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
+    if not result.main_process:
+        return 0
     for name, summary in result.final.items():
         print(f"{name}: mIoU {summary['miou']:.2f}")
     print(f"run folder: {result.run_dir}")

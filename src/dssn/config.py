@@ -38,6 +38,10 @@ class ModelConfig(_Section):
     decoder_channels: int = 256
     backbone_width: int = 64
     """Stem/layer1 width of the ResNet; 64 is the standard network (smaller for CPU demos)."""
+    checkpoint_backbone: bool = False
+    """Activation checkpointing: keep only each backbone stage's input and recompute the stage in
+    the backward pass. Much less memory for about a third more compute; the math is unchanged
+    (batch-norm statistics are not updated twice)."""
 
 
 class DataConfig(_Section):
@@ -123,6 +127,21 @@ class TrainConfig(_Section):
     interrupted and resumed ends bit-identical to one that ran straight through (CPU)."""
     stop_after: int | None = Field(None, ge=1)
     """Debugging: stop after this many iterations as if killed (no extra checkpoint, no final eval)."""
+    # ---- scale and speed (issue 5)
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: one process with ``accumulate=4`` takes the effective batch,
+    iterations per epoch and learning-rate schedule of four processes (batch-norm statistics
+    still come from one micro-batch at a time)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision of the training step (autocast); ``fp16`` adds dynamic loss scaling.
+    Evaluation always runs in float32."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """NHWC memory layout for networks and images; ``auto``: on GPUs only (on CPUs it was slower)."""
+    compile: bool = False
+    """``torch.compile`` the student's forward (the first steps are slow while it compiles)."""
+    sync_bn: bool = True
+    """Distributed runs on GPUs: batch-norm statistics over the global batch (SyncBatchNorm). CPU
+    processes (gloo) cannot; their batch-norm buffers are averaged after every step instead."""
 
 
 class EvalConfig(_Section):

@@ -48,7 +48,8 @@ def _finite_or_none(v: float) -> float | None:
 class TrainingMonitor:
     def __init__(self, cfg: Config, run_dir: Path, method: Method, optimizer: torch.optim.Optimizer, logger,
                  class_names: list[str], palette: list[int], iters_per_epoch: int, total_iters: int,
-                 val_dataset, device: torch.device) -> None:
+                 val_dataset, device: torch.device, images_per_step_scale: int = 1) -> None:
+        """``images_per_step_scale``: micro-batches per step times processes (for ``img_s``)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.method = method
@@ -63,7 +64,8 @@ class TrainingMonitor:
         d, t = cfg.diag, cfg.train
         self.rules = HealthRules(**{k: getattr(d, k) for k in HealthRules.__dataclass_fields__})
         method.diag_threshold = d.fixed_threshold
-        self.images_per_step = t.batch_size + (t.batch_size_unlabeled if method.uses_unlabeled else 0)
+        self.images_per_step = images_per_step_scale * (
+            t.batch_size + (t.batch_size_unlabeled if method.uses_unlabeled else 0))
         self.grace_step = max(getattr(method, "warmup_steps", 0), math.ceil(d.grace * total_iters))
         self.cumulative: dict[str, torch.Tensor] = {}
         self.best_selected: float | None = None

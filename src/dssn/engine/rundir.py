@@ -36,6 +36,7 @@ RUNTIME_KEYS = (
     "name", "run_dir",
     "train.progress", "train.log_every", "train.threads", "train.device", "train.report",
     "train.checkpoint_every", "train.keep_last", "train.resume", "train.stop_after", "train.eval_every",
+    "train.channels_last", "train.compile", "model.checkpoint_backbone",
     "data.root", "data.num_workers", "eval.batch_size",
     "diag",  # a whole section: the diagnostics only read the step's tensors
 )

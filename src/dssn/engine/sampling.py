@@ -15,6 +15,11 @@ Resuming at step ``s`` is then: ``set_epoch(s // iters_per_epoch,
 (s % iters_per_epoch) * batch_size)``; the images, their augmentations and the
 model's own random draws (restored separately) continue as if never stopped,
 with any ``num_workers``.
+
+In a distributed run every rank draws the same permutation and takes every
+``world_size``-th position of it (``rank``, ``rank + world_size``, ...), the
+tail cut so that all ranks have as many; positions, skips and lengths are
+then per rank.
 """
 
 from __future__ import annotations
@@ -35,27 +40,31 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, sample_seed)``: a seeded per-epoch order that can start mid-epoch."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = size // world_size
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """The next iteration yields epoch ``epoch`` from position ``skip`` on."""
-        if not 0 <= skip <= self.size:
-            raise ValueError(f"skip must be in [0, {self.size}], got {skip}")
+        """The next iteration yields epoch ``epoch`` from (this rank's) position ``skip`` on."""
+        if not 0 <= skip <= self.per_rank:
+            raise ValueError(f"skip must be in [0, {self.per_rank}], got {skip}")
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return self.per_rank - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=g)
-        yield from zip(order[self.skip:].tolist(), seeds[self.skip:].tolist())
+        mine = slice(self.rank + self.skip * self.world_size, self.per_rank * self.world_size, self.world_size)
+        yield from zip(order[mine].tolist(), seeds[mine].tolist())
 
 
 class SeededDataset(Dataset):

@@ -1,15 +1,20 @@
 """The training engine: loop, schedule, evaluation, checkpoints and logs.
 
 It knows nothing of any method's losses: a ``Method`` turns each batch into a
-dict of losses and the engine back-propagates ``losses["loss"]``.
+dict of losses and the engine back-propagates ``losses["loss"]``. It also owns
+everything about processes and speed: DistributedDataParallel under torchrun
+(``engine.distributed``), gradient accumulation, mixed precision, channels-last
+and ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dssn.config import Config
 from dssn.data import build_train_datasets, build_val_dataset, class_names_for, palette_for
-from dssn.engine.checkpoint import FORMAT, capture_rng_state, restore_rng_state, save_checkpoint, state_nbytes
+from dssn.engine.checkpoint import (FORMAT, capture_rng_state, load_checkpoint, restore_rng_state,
+                                    save_checkpoint, state_nbytes)
+from dssn.engine.distributed import (DistInfo, all_reduce_sum, average_buffers, broadcast_from_main, gather_to_main,
+                                     init_distributed, process_device, run_on_main, shard, shutdown, wrap_ddp)
 from dssn.engine.rundir import check_free_space, open_run_dir
 from dssn.engine.sampling import ResumableSampler, SeededDataset
 from dssn.errors import TrainingError
@@ -42,6 +50,8 @@ class TrainResult:
     iters: int
     wall_time: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True
+    """False on torchrun's ranks other than 0 (which print and write nothing)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,11 +83,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
-                      device: torch.device) -> DataLoader:
+                      device: torch.device, dist: DistInfo = DistInfo()) -> DataLoader:
     """A shuffled training loader whose stream can stop and continue exactly (``engine.sampling``):
-    the order and every sample's augmentation depend only on ``(seed, epoch, position)``."""
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size,
-                      sampler=ResumableSampler(len(dataset), seed), drop_last=True,
+    the order and every sample's augmentation depend only on ``(seed, epoch, position)``. In a
+    distributed run it yields this rank's shard of every epoch."""
+    sampler = ResumableSampler(len(dataset), seed, rank=dist.rank, world_size=dist.world_size)
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
                       worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
                       persistent_workers=num_workers > 0)
@@ -130,6 +141,18 @@ class NonFiniteWatch:
                             "after the failure was saved. Try a lower train.lr, or check the data.")
 
 
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``train.channels_last``: ``auto`` is on for GPUs only (on the CPUs measured it was slower)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+class _Quiet:
+    """Stands in for the logger and the monitor on ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (SPEC 3.8)."""
     backbone, rest = model.param_groups()
@@ -142,11 +165,14 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
-        """``resume``: a checkpoint of this run (``engine.checkpoint``) to continue from."""
+    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
+                 dist: DistInfo = DistInfo()) -> None:
+        """``resume``: a checkpoint of this run (``engine.checkpoint``) to continue from.
+        ``dist``: this process's place in a torchrun job (``train`` sets the process group up)."""
         self.cfg = cfg
         self.run_dir = run_dir
-        self.device = resolve_device(cfg.train.device)
+        self.dist = dist
+        self.device = process_device(resolve_device(cfg.train.device), dist)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         set_deterministic(cfg.train.deterministic)
@@ -156,35 +182,60 @@ class Trainer:
         labeled, unlabeled = build_train_datasets(cfg)
         t, workers = cfg.train, cfg.data.num_workers
         self.method_uses_unlabeled = METHODS[cfg.method.name].uses_unlabeled
+        # Each rank reads its shard of every epoch; an optimizer step takes `accumulate` batches.
+        self.loaders = [make_train_loader(labeled, t.batch_size, t.seed, workers, self.device, dist)]
         if self.method_uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
-            self.unlabeled_loader = make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + 1, workers, self.device)
-            self.mix_loader = make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + 2, workers, self.device)
-            self.iters_per_epoch = len(self.unlabeled_loader)
-        self.labeled_loader = make_train_loader(labeled, t.batch_size, t.seed, workers, self.device)
-        if not self.method_uses_unlabeled:
-            self.iters_per_epoch = len(self.labeled_loader)
+            # U and U' (the CutMix donors): two independent streams over the unlabeled set.
+            self.loaders += [make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + s, workers, self.device,
+                                               dist) for s in (1, 2)]
+        # An epoch is one pass over the unlabeled set (the labeled set is repeated to its length).
+        self.iters_per_epoch = min(len(loader) for loader in self.loaders) // t.accumulate
         if self.iters_per_epoch == 0:
-            raise TrainingError("the training set is smaller than one batch; lower train.batch_size")
+            raise TrainingError("the training set is smaller than one step's batches (batch size x accumulate x "
+                                "processes); lower train.batch_size or train.accumulate")
         self.total_iters = t.iters or t.epochs * self.iters_per_epoch
         val_dataset = build_val_dataset(cfg)
-        self.val_loader = make_loader(val_dataset, cfg.eval.batch_size, False, 0,
+        # Each rank scores its own images, every image exactly once; the confusion matrices are summed.
+        val_shard = val_dataset if not dist.enabled else Subset(val_dataset, shard(range(len(val_dataset)), dist))
+        self.val_loader = make_loader(val_shard, cfg.eval.batch_size, False, 0,
                                       min(workers, 2), self.device, drop_last=False)
 
         student = build_model(cfg).to(self.device)
+        self.channels_last = use_channels_last(t.channels_last, self.device)
+        if self.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        self.sync_bn = dist.enabled and t.sync_bn and self.device.type == "cuda"
+        if self.sync_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.method: Method = build_method(cfg, student, self.iters_per_epoch).to(self.device)
         self.optimizer = build_optimizer(student, cfg)
-        # Checkpoint size: every network's state plus the optimizer's momentum (one per parameter).
-        checkpoint_bytes = (state_nbytes(*(m.state_dict() for m in self.method.modules().values()))
-                            + state_nbytes(dict(student.named_parameters())))
-        check_free_space(run_dir, checkpoint_bytes, t.keep_last, resuming=resume is not None)
-        # An existing run folder (resumed, or started over) purges what the killed run logged after it.
-        resume_step = int(resume["step"]) if resume else (0 if (run_dir / "metrics.jsonl").exists() else None)
-        self.logger = RunLogger(run_dir, self.total_iters, progress=t.progress, resume_step=resume_step)
-        self.monitor = TrainingMonitor(cfg, run_dir, self.method, self.optimizer, self.logger, self.class_names,
-                                       palette_for(cfg), self.iters_per_epoch, self.total_iters, val_dataset,
-                                       self.device)
+        self.ddp = wrap_ddp(student, self.device) if dist.enabled else None
+        if self.ddp is not None:
+            self.method.student = self.ddp
+        if t.compile:
+            self.method.student = torch.compile(self.method.student)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        # Ranks differ in their random draws (e.g. the feature perturbation), not in the model.
+        seed_everything(t.seed + dist.rank)
+
+        def open_logs() -> tuple[RunLogger, TrainingMonitor]:
+            # Checkpoint size: every network's state plus the optimizer's momentum (one per parameter).
+            checkpoint_bytes = (state_nbytes(*(m.state_dict() for m in self.method.modules().values()))
+                                + state_nbytes(dict(student.named_parameters())))
+            check_free_space(run_dir, checkpoint_bytes, t.keep_last, resuming=resume is not None)
+            # An existing run folder (resumed, or started over) purges what the killed run logged after it.
+            resume_step = int(resume["step"]) if resume else (0 if (run_dir / "metrics.jsonl").exists() else None)
+            logger = RunLogger(run_dir, self.total_iters, progress=t.progress, resume_step=resume_step)
+            monitor = TrainingMonitor(cfg, run_dir, self.method, self.optimizer, logger, self.class_names,
+                                      palette_for(cfg), self.iters_per_epoch, self.total_iters, val_dataset,
+                                      self.device, images_per_step_scale=t.accumulate * dist.world_size)
+            return logger, monitor
+
+        # Only rank 0 writes; a problem it finds stops every rank.
+        self.logger, self.monitor = run_on_main(open_logs, dist) or (_Quiet(), _Quiet())
         self.step = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
@@ -197,6 +248,12 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: networks, optimizer, step, best score, history, RNG states."""
+        saved_world = int(state.get("data", {}).get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise TrainingError(f"the run in {self.run_dir} was trained by {saved_world} process(es) and is resumed "
+                                f"by {self.dist.world_size}: the data order and the batch would change. Resume it "
+                                f"with the same number of processes (torchrun --nproc_per_node), or start a new "
+                                "run_dir")
         models = state["models"]
         for name, module in self.method.modules().items():
             if name not in models:
@@ -213,7 +270,12 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.last_eval = dict(state.get("eval") or {})
         self.last_saved = self.step
-        if "rng" in state:
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        ranks = state.get("rng_ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            self._rng_to_restore = ranks[self.dist.rank]
+        elif "rng" in state:
             self._rng_to_restore = state["rng"]
         else:
             self.logger.message("warning: this checkpoint predates RNG states; the resumed run continues "
@@ -225,27 +287,33 @@ class Trainer:
             self.logger.message(f"resuming {self.run_dir} from step {self.step}/{self.total_iters}")
 
     # ---- data -----------------------------------------------------------------
-    def _batches(self):
-        """Endless stream of ``Batch`` on the device, one epoch after another."""
-        dev = self.device
-        nb = dev.type == "cuda"
-        loaders = [self.labeled_loader]
-        if self.method_uses_unlabeled:
-            loaders += [self.unlabeled_loader, self.mix_loader]
+    def _to_device(self, batch: Any) -> Any:
+        """A loader's batch on the device; images (4-D floats) channels-last if so configured."""
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return tuple(self._to_device(v) for v in batch)
+        out = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        if self.channels_last and out.dim() == 4 and out.is_floating_point():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _steps(self) -> Iterator[list[Batch]]:
+        """Endless stream of optimizer steps, each ``accumulate`` batches on the device."""
+        k = self.cfg.train.accumulate
         # Start where the run stands: a resumed run skips the batches its epoch already used.
-        epoch, skip = divmod(self.step, self.iters_per_epoch)
+        epoch, done = divmod(self.step, self.iters_per_epoch)
         while True:
-            for loader in loaders:
-                loader.sampler.set_epoch(epoch, skip * loader.batch_size)
-            epoch, skip = epoch + 1, 0
-            if self.method_uses_unlabeled:
-                for (x, y), u, u_mix in zip(self.labeled_loader, self.unlabeled_loader, self.mix_loader):
-                    yield Batch((x.to(dev, non_blocking=nb), y.to(dev, non_blocking=nb)),
-                                {k: v.to(dev, non_blocking=nb) for k, v in u.items()},
-                                {k: v.to(dev, non_blocking=nb) for k, v in u_mix.items()})
-            else:
-                for x, y in self.labeled_loader:
-                    yield Batch((x.to(dev, non_blocking=nb), y.to(dev, non_blocking=nb)))
+            for loader in self.loaders:
+                loader.sampler.set_epoch(epoch, done * k * loader.batch_size)
+            stream = zip(*self.loaders)
+            for _ in range(self.iters_per_epoch - done):
+                yield [Batch(*self._to_device(next(stream))) for _ in range(k)]
+            epoch, done = epoch + 1, 0
+
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients in the backward of an optimizer step's last micro-batch only."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
     # ---- loop -----------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -254,28 +322,37 @@ class Trainer:
         self.method.train()
         running: dict[str, torch.Tensor] = {}
         n_running = 0
-        batches = self._batches()
+        steps = self._steps()
         final: dict[str, EvalResult] = {}
         stopped = False
         first_step = self.step
+        modules = list(self.method.modules().values())
         if self._rng_to_restore is not None:  # last, so that nothing draws between it and the loop
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         while self.step < self.total_iters:
-            batch = next(batches)
+            micro_batches = next(steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = poly_lr(group["base_lr"], self.step, self.total_iters, cfg.poly_power)
-            self.monitor.before_step(self.step, batch)
-            losses = self.method.training_step(batch, self.step)
+            self.monitor.before_step(self.step, micro_batches[0])
             self.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            self.optimizer.step()
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                with self._grad_sync(last):
+                    with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                        losses = self.method.training_step(batch, self.step)
+                    loss = losses["loss"] if len(micro_batches) == 1 else losses["loss"] / len(micro_batches)
+                    self.scaler.scale(loss).backward()
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0) + v.detach()
+                n_running += 1
+                self.nonfinite.update(losses, self.step + 1)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.dist.enabled and not self.sync_bn:
+                average_buffers(modules)  # no SyncBN on CPUs: make BN statistics equal on every rank
             self.method.after_optimizer_step(self.step)
 
-            for k, v in losses.items():
-                running[k] = running.get(k, 0) + v.detach()
-            n_running += 1
-            self.nonfinite.update(losses, self.step + 1)
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == self.total_iters:
                 self.nonfinite.check(self.run_dir, self.last_saved)
@@ -297,16 +374,18 @@ class Trainer:
         wall = time.perf_counter() - start
         self.logger.close()
         if stopped:
-            return TrainResult(self.run_dir, {}, self.best_miou * 100, self.step, wall, self.history)
+            return TrainResult(self.run_dir, {}, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
         if self.step == first_step:  # a resumed run that had already finished: report its last scores
-            return TrainResult(self.run_dir, self.last_eval, self.best_miou * 100, self.step, wall, self.history)
+            return TrainResult(self.run_dir, self.last_eval, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
         summary = {name: r.summary(self.class_names) for name, r in final.items()}
         self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
-        return TrainResult(self.run_dir, summary, self.best_miou * 100, self.step, wall, self.history)
+        return TrainResult(self.run_dir, summary, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
 
     def _log_train(self, running: dict[str, torch.Tensor], n: int) -> None:
         names = list(running)
-        values = torch.stack([running[k].float() for k in names]).div(n).tolist()  # one host sync
+        # The mean over micro-batches and ranks; one host sync (and one all-reduce when distributed).
+        values = all_reduce_sum(torch.stack([running[k].float() for k in names])).div(n * self.dist.world_size)
+        values = values.tolist()
         scalars = dict(zip(names, values))
         for name, value in scalars.items():
             if not math.isfinite(value):
@@ -321,7 +400,8 @@ class Trainer:
         e = self.cfg.eval
         eval_start = time.perf_counter()
         results = evaluate(self.method.eval_models(), self.val_loader, self.cfg.data.num_classes, self.device,
-                           e.mode, e.crop_size or self.cfg.data.crop_size, e.stride_ratio, e.scales, e.flip)
+                           e.mode, e.crop_size or self.cfg.data.crop_size, e.stride_ratio, e.scales, e.flip,
+                           reduce=all_reduce_sum if self.dist.enabled else None)
         summary = {name: r.summary(self.class_names) for name, r in results.items()}
         self.logger.log_eval(self.step, epoch, summary)
         self.monitor.on_eval(self.step, epoch, summary, time.perf_counter() - eval_start)
@@ -337,14 +417,20 @@ class Trainer:
     def _save(self, epoch: int, best: bool = False) -> None:
         """Checkpoint the current state (``last.pt``, ``checkpoints/``, and ``best.pt`` if ``best``)."""
         self.nonfinite.check(self.run_dir, self.last_saved)  # a non-finite state is never saved
-        state = self._checkpoint_state(epoch, self.last_eval)
-        try:
-            save_checkpoint(self.run_dir, state, self.cfg.train.keep_last, best=best)
-        except OSError as err:
-            kept = f"step {self.last_saved}" if self.last_saved is not None else "none yet"
-            raise TrainingError(f"could not write the checkpoint of step {self.step} in {self.run_dir}: "
-                                f"{err.strerror or err}. The previous checkpoint ({kept}) is intact; free some "
-                                "space and run the same command again to resume") from None
+        rng_ranks = gather_to_main(capture_rng_state())  # each rank's random streams, for an exact resume
+
+        def write() -> None:
+            state = self._checkpoint_state(epoch, self.last_eval)
+            state["rng_ranks"] = rng_ranks
+            try:
+                save_checkpoint(self.run_dir, state, self.cfg.train.keep_last, best=best)
+            except OSError as err:
+                kept = f"step {self.last_saved}" if self.last_saved is not None else "none yet"
+                raise TrainingError(f"could not write the checkpoint of step {self.step} in {self.run_dir}: "
+                                    f"{err.strerror or err}. The previous checkpoint ({kept}) is intact; free "
+                                    "some space and run the same command again to resume") from None
+
+        run_on_main(write, self.dist)
         self.last_saved = self.step
 
     def _checkpoint_state(self, epoch: int, summary: dict) -> dict[str, Any]:
@@ -355,6 +441,7 @@ class Trainer:
             "best_miou": self.best_miou * 100,
             "models": {name: m.state_dict() for name, m in self.method.modules().items()},
             "optimizer": self.optimizer.state_dict(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
             "config": self.cfg.to_dict(),
             "class_names": self.class_names,
             "palette": palette_for(self.cfg),
@@ -362,14 +449,35 @@ class Trainer:
             "history": self.history,
             "rng": capture_rng_state(),
             "data": {"iters_per_epoch": self.iters_per_epoch, "epoch": self.step // self.iters_per_epoch,
-                     "batches_done": self.step % self.iters_per_epoch},
+                     "batches_done": self.step % self.iters_per_epoch, "world_size": self.dist.world_size,
+                     "accumulate": self.cfg.train.accumulate},
         }
 
 
 def train(cfg: Config) -> TrainResult:
-    """Train one run described by ``cfg``; returns the final scores."""
+    """Train one run described by ``cfg``; returns the final scores.
+
+    Under torchrun every process calls this; they form one process group, rank 0 owns the run
+    folder and the others learn from it where the run is and which checkpoint to resume.
+    """
     from dssn.data.check import check_before_training
 
-    check_before_training(cfg)  # fast data check first: stop before a run folder or model exists
-    run_dir, found = open_run_dir(cfg)  # a new run, or the run already in run_dir to resume
-    return Trainer(cfg, run_dir, resume=found[1] if found else None).fit()
+    dist, created_group = init_distributed(resolve_device(cfg.train.device))
+    try:
+        check_before_training(cfg)  # fast data check first: stop before a run folder or model exists
+
+        opened: dict[str, Any] = {}
+
+        def open_run() -> tuple[Path, Path | None]:
+            run_dir, found = opened["run_dir"], opened["found"] = open_run_dir(cfg)  # new, or one to resume
+            return run_dir, found[0] if found else None
+
+        run_dir, checkpoint = broadcast_from_main(run_on_main(open_run, dist))
+        if dist.is_main:
+            resume = opened["found"][1] if opened["found"] else None
+        else:  # the other ranks read the checkpoint rank 0 chose
+            resume = load_checkpoint(checkpoint) if checkpoint is not None else None
+        return Trainer(cfg, run_dir, resume=resume, dist=dist).fit()
+    finally:
+        if created_group:
+            shutdown()

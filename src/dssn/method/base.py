@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dssn.models import unwrap
+
 
 @dataclass
 class Batch:
@@ -42,7 +44,13 @@ class Method(ABC):
 
     def __init__(self, student: nn.Module) -> None:
         self.student = student
+        """What the training step calls: the network, or the engine's wrapper around it
+        (DistributedDataParallel, ``torch.compile``); ``student_net`` is the network itself."""
         self._diagnostics: dict[str, Tensor] = {}
+
+    @property
+    def student_net(self) -> nn.Module:
+        return unwrap(self.student)
 
     @abstractmethod
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -77,14 +85,14 @@ class Method(ABC):
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Networks to evaluate, by name."""
-        return {"student": self.student}
+        return {"student": self.student_net}
 
     def modules(self) -> dict[str, nn.Module]:
         """Every network whose state belongs in a checkpoint."""
         return self.eval_models()
 
     def train(self) -> None:
-        self.student.train()
+        self.student_net.train()
 
     def to(self, device: torch.device) -> "Method":
         for module in self.modules().values():

@@ -54,7 +54,7 @@ class DSSN(Method):
             return cplg_mask(logits, self.cfg.tau_low, self.cfg.ratio)
         return threshold_mask(logits, self.cfg.threshold)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def teacher_logits(self, w_mix: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher predictions on the donor's and the image's weak views (step 2)."""
         if self.cfg.teacher_bn == "running":
@@ -129,10 +129,10 @@ class DSSN(Method):
 
     def after_optimizer_step(self, step: int) -> None:
         # 9. EMA teacher; on the very first step it becomes a copy of the student.
-        ema_update(self.teacher, self.student, 0.0 if step == 0 else self.cfg.ema_momentum)
+        ema_update(self.teacher, self.student_net, 0.0 if step == 0 else self.cfg.ema_momentum)
 
     def eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
+        return {"student": self.student_net, "teacher": self.teacher}
 
     # ---- diagnostics (issue 6) -------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +149,7 @@ class DSSN(Method):
             "cplg_thr": cplg_thresholds(t1, cfg.tau_low, cfg.ratio),
             "cplg_vs_fixed": cplg_vs_fixed_counts(t1, ign1, cfg.tau_low, cfg.ratio, self.diag_threshold),
             "agreement": prediction_agreement(p_w, t, ign),
-            "teacher_distance": parameter_distance(self.teacher, self.student),
+            "teacher_distance": parameter_distance(self.teacher, self.student_net),
             "sim/img": positive_vs_random_similarity(q[0], q[1], generator=self._diag_generator),
         }
         if f is not None:

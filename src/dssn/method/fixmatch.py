@@ -26,7 +26,7 @@ class FixMatch(Method):
         n_x = x.shape[0]
 
         # The donor's prediction: student in eval mode, no gradient.
-        logits_mix = eval_mode_logits(self.student, u_mix["w"])
+        logits_mix = eval_mode_logits(self.student_net, u_mix["w"])
         conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
 
         s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
@@ -71,5 +71,5 @@ class FixMatch(Method):
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:
         """The student's labels on weak views (eval mode) and the fixed-threshold selection."""
-        logits = eval_mode_logits(self.student, weak)
+        logits = eval_mode_logits(self.student_net, weak)
         return logits, threshold_mask(logits, self.cfg.threshold)

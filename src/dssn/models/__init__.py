@@ -1,5 +1,7 @@
 """Segmentation network (DeepLabV3+ on ResNet-v1c) and safe weight loading."""
 
+from torch import nn
+
 from dssn.models.deeplabv3plus import DeepLabV3Plus
 from dssn.models.resnet import ResNet, build_backbone
 from dssn.models.weights import (
@@ -26,6 +28,19 @@ __all__ = [
 def build_model(cfg) -> DeepLabV3Plus:
     """The network a ``dssn.config.Config`` describes."""
     m = cfg.model
-    return DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
-                         dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels,
-                         backbone_width=m.backbone_width)
+    model = DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
+                          dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels,
+                          backbone_width=m.backbone_width)
+    model.backbone.checkpoint_stages = m.checkpoint_backbone
+    return model
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel and ``torch.compile`` wrappers (clean names)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            module = module._orig_mod
+        else:
+            return module

@@ -8,9 +8,13 @@ ImageNet backbone files and full checkpoints load key for key:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["BackboneFeatures", "BasicBlock", "Bottleneck", "ResNet", "build_backbone", "BACKBONES"]
 
@@ -164,11 +168,55 @@ class ResNet(nn.Module):
         modules += [block(out_ch, planes, dilation=self._dilation) for _ in range(1, blocks)]
         return nn.Sequential(*modules)
 
+    checkpoint_stages: bool = False
+    """Activation checkpointing (``model.checkpoint_backbone``): in training with gradients, keep
+    only each stage's input and recompute the stage during the backward pass."""
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: Tensor) -> BackboneFeatures:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c1 = self.layer1(x)
-        c4 = self.layer4(self.layer3(self.layer2(c1)))
+        if self.checkpoint_stages and self.training and torch.is_grad_enabled():
+            stage = _checkpointed
+        else:
+            def stage(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+                return fn(x)
+        c1 = stage(self.layer1, stage(self._stem, x))
+        c4 = stage(self.layer4, stage(self.layer3, stage(self.layer2, c1)))
         return BackboneFeatures(c1, c4)
+
+
+def _checkpointed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` under activation checkpointing, with the recomputation leaving batch-norm
+    running statistics alone: a plain checkpoint would update them twice per step."""
+    calls = 0
+
+    def run(inp: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(inp)
+        owner = fn if isinstance(fn, nn.Module) else fn.__self__  # a stage, or the stem's method
+        with _frozen_bn_statistics(owner):  # the recomputation in backward
+            return fn(inp)
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+@contextmanager
+def _frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """Batch norm still normalises with batch statistics, but momentum 0 keeps the running ones."""
+    saved = [(bn, bn.momentum, bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None)
+             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
+    for bn, _, _ in saved:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, momentum, tracked in saved:
+            bn.momentum = momentum
+            if tracked is not None:
+                bn.num_batches_tracked.copy_(tracked)
 
 
 BACKBONES: dict[str, tuple[Block, list[int]]] = {

@@ -1,0 +1,197 @@
+"""Several processes (gloo on CPU), gradient accumulation and the sharded data stream."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from dssn.engine.sampling import ResumableSampler
+from nets import PixelwiseNet
+from test_engine import tiny, tiny_overrides
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(fn, args, nprocs: int, timeout: float = 180) -> None:
+    """``mp.spawn`` that fails (and kills the workers) instead of hanging when a worker waits forever."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    try:
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {nprocs} worker processes did not finish within {timeout} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def test_rank_shards_split_each_epoch_without_overlap():
+    whole = list(ResumableSampler(11, seed=3))
+    ranks = [ResumableSampler(11, seed=3, rank=r, world_size=2) for r in range(2)]
+    shards = [list(s) for s in ranks]
+    assert [len(s) for s in shards] == [5, 5]  # the tail is cut so both ranks take as many steps
+    # Interleaved, the shards are the single-process order (and its per-sample seeds), first 10 positions.
+    assert [shards[i % 2][i // 2] for i in range(10)] == whole[:10]
+    # Skipping is per rank: rank 1 resuming after 3 of its samples continues with its 4th.
+    ranks[1].set_epoch(0, 3)
+    assert list(ranks[1]) == shards[1][3:]
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != shards[0]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from dssn.config import build_config
+    from dssn.engine import evaluate as ev
+    from dssn.engine import trainer as tr
+    from dssn.engine.distributed import DistInfo, all_reduce_sum, shard
+
+    dumped = {}
+    plain_fit = tr.Trainer.fit
+
+    def fit_and_keep(self):
+        result = plain_fit(self)
+        dumped["models"] = {name: copy.deepcopy(m.state_dict()) for name, m in self.method.modules().items()}
+        dumped["first_labels"] = first_labels
+        return result
+
+    first_labels = []
+    plain_steps = tr.Trainer._steps
+
+    def steps(self):  # remember which labeled images this rank trained on
+        for micro_batches in plain_steps(self):
+            if len(first_labels) < 3:
+                first_labels.append(micro_batches[0].labeled[1].clone())
+            yield micro_batches
+
+    tr.Trainer.fit, tr.Trainer._steps = fit_and_keep, steps
+    torch.distributed.init_process_group("gloo")  # train() joins this group and leaves it open
+    try:
+        result = tr.train(build_config(cfg_dict))
+
+        # Distributed evaluation: 5 images on 2 ranks (3 + 2), against one process on all 5.
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(5, 3, 8, 8, generator=g)
+        masks = torch.randint(0, 4, (5, 8, 8), generator=g)
+        masks[:, 0] = 255
+        data = TensorDataset(images, masks)
+        mine = torch.utils.data.Subset(data, shard(range(len(data)), DistInfo(rank, world, rank)))
+        net, cpu = PixelwiseNet(), torch.device("cpu")
+        loader = torch.utils.data.DataLoader(mine, batch_size=2)
+        dist_conf = ev.evaluate({"m": net}, loader, 4, cpu, reduce=all_reduce_sum)["m"].confusion
+        whole = ev.evaluate({"m": net}, torch.utils.data.DataLoader(data, batch_size=2), 4, cpu)["m"]
+    finally:
+        torch.distributed.destroy_process_group()
+    dumped.update(confusion=dist_conf, whole_confusion=whole.confusion, n_shard=len(mine),
+                  final=result.final)
+    torch.save(dumped, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_processes_train_as_one(data_root, tmp_path):
+    """DDP on gloo: both ranks end with the same student and teacher, saw different images, only
+    rank 0 wrote files, and sharded evaluation scores every image once."""
+    run = tmp_path / "run"
+    cfg = tiny(data_root, run, "method.name=dssn", "train.iters=4", "train.eval_every=1")
+    run_processes(_ddp_worker, (2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for name in ("student", "teacher"):
+        for key, value in r0["models"][name].items():
+            assert torch.equal(value, r1["models"][name][key]), f"{name}.{key} differs between ranks"
+    # Training moved the weights, and the teacher is an EMA (not a copy) of the student.
+    assert not all(torch.equal(v, r0["models"]["teacher"][k]) for k, v in r0["models"]["student"].items()
+                   if v.is_floating_point())
+    assert not all(torch.equal(a, b) for a, b in zip(r0["first_labels"], r1["first_labels"]))
+    assert r0["final"] == r1["final"]  # the same (all-reduced) scores on both ranks
+    # Rank 0 owns the run folder: one metrics file, checkpoints, config.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["data"]["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
+    n_unlabeled = len((Path(data_root) / cfg.data.unlabeled_split).read_text().splitlines())
+    assert ckpt["data"]["iters_per_epoch"] == n_unlabeled // 2 // 2  # each rank: half, in batches of 2
+    # Evaluation: 3 + 2 images, the summed confusion equals one process over all 5.
+    assert (r0["n_shard"], r1["n_shard"]) == (3, 2)
+    assert torch.equal(r0["confusion"], r0["whole_confusion"]) and torch.equal(r1["confusion"], r0["confusion"])
+    assert int(r0["confusion"].sum()) == 5 * 7 * 8  # every valid pixel of every image, once
+
+
+def test_resuming_with_another_number_of_processes_is_refused(data_root, tmp_path):
+    from dssn.engine.trainer import TrainingError, train
+
+    run = tmp_path / "run"
+    train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.stop_after=2",
+               "train.checkpoint_every=2"))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["data"]["world_size"] = 4
+    torch.save(ckpt, run / "last.pt")
+    with pytest.raises(TrainingError, match="trained by 4 process"):
+        train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.checkpoint_every=2"))
+
+
+def test_torchrun_command_line(data_root, tmp_path):
+    """The README's command: two CPU processes through torchrun; one table printed, one run folder."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data_root, run, "method.name=supervised", "train.iters=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dssn", "train", "synthetic", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("mIoU") >= 1 and done.stdout.count("student") == 1, done.stdout
+    assert (run / "last.pt").is_file()
+
+
+
+def test_accumulation_equals_one_step_over_the_summed_gradients(data_root, tmp_path, monkeypatch):
+    """accumulate=2: two micro-batches, each loss halved, gradients summed, one SGD step; and an
+    epoch has half as many (twice as large) steps."""
+    from dssn.engine import trainer as tr
+
+    seen = []
+    plain_steps = tr.Trainer._steps
+
+    def steps(self):
+        for micro_batches in plain_steps(self):
+            seen.append(micro_batches)
+            yield micro_batches
+
+    monkeypatch.setattr(tr.Trainer, "_steps", steps)
+    cfg = tiny(data_root, tmp_path / "run", "method.name=supervised", "train.iters=1", "train.accumulate=2",
+               "train.batch_size=2", "train.lr=0.05")
+    for run in ("run", "run1"):
+        (tmp_path / run).mkdir()
+    trainer = tr.Trainer(cfg, tmp_path / "run")
+    start = copy.deepcopy(trainer.method.student_net)
+    single = tr.Trainer(tiny(data_root, tmp_path / "run1", "method.name=supervised", "train.batch_size=2"),
+                        tmp_path / "run1")
+    assert trainer.iters_per_epoch == single.iters_per_epoch // 2
+    trainer.fit()
+    assert len(seen) == 1 and len(seen[0]) == 2
+    assert not torch.equal(seen[0][0].labeled[0], seen[0][1].labeled[0])
+
+    reference = tr.build_optimizer(start, cfg)
+    for group in reference.param_groups:
+        group["lr"] = group["base_lr"]  # poly schedule at step 0
+    start.train()
+    for batch in seen[0]:
+        x, y = batch.labeled
+        (torch.nn.functional.cross_entropy(start(x), y, ignore_index=255) / 2).backward()
+    reference.step()
+    for (name, a), b in zip(trainer.method.student_net.named_parameters(), start.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
