@@ -446,7 +446,7 @@ def test_activation_checkpointing_changes_neither_gradients_nor_bn_statistics():
     import copy
 
     torch.manual_seed(0)
-    plain = dssn.DeepLabV3Plus(4, backbone="resnet18", decoder_channels=16, backbone_width=8)
+    plain = DeepLabV3Plus(4, backbone="resnet18", decoder_channels=16, backbone_width=8)
     checkpointed = copy.deepcopy(plain)
     checkpointed.backbone.checkpoint_stages = True
     x = torch.randn(2, 3, 48, 48)
