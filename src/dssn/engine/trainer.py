@@ -164,6 +164,70 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     )
 
 
+@dataclass
+class TrainingParts:
+    """What one process trains with; ``build_training`` makes it from a config."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    ddp: nn.parallel.DistributedDataParallel | None
+    sync_bn: bool
+
+
+def build_training(cfg: Config, device: torch.device, iters_per_epoch: int,
+                   dist: DistInfo = DistInfo()) -> TrainingParts:
+    """The student (channels-last, SyncBN, DDP, compiled as configured), its method, the SGD
+    optimizer and the loss scaler. The method's ``student`` is the wrapped network, if any."""
+    t = cfg.train
+    student = build_model(cfg).to(device)
+    channels_last = use_channels_last(t.channels_last, device)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    sync_bn = dist.enabled and t.sync_bn and device.type == "cuda"
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    method = build_method(cfg, student, iters_per_epoch).to(device)
+    optimizer = build_optimizer(student, cfg)
+    ddp = wrap_ddp(student, device) if dist.enabled else None
+    if ddp is not None:
+        method.student = ddp
+    if t.compile:
+        method.student = torch.compile(method.student)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    return TrainingParts(method, optimizer, scaler, autocast_dtype, channels_last, ddp, sync_bn)
+
+
+def optimizer_step(method: Method, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], step: int,
+                   scaler: torch.amp.GradScaler, autocast_dtype: torch.dtype | None = None,
+                   ddp: nn.parallel.DistributedDataParallel | None = None,
+                   average: bool = False) -> list[dict[str, torch.Tensor]]:
+    """One optimizer step of any method over ``micro_batches`` (``train.accumulate`` of them); the
+    losses of each. Every loss is divided by their number, DDP averages the gradients in the last
+    backward only, ``average`` equalises BN statistics across ranks (CPU runs, no SyncBN), then
+    the method's hook runs (DSSN: the EMA teacher)."""
+    device_type = micro_batches[0].labeled[0].device.type
+    optimizer.zero_grad(set_to_none=True)
+    out = []
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
+                losses = method.training_step(batch, step)
+            loss = losses["loss"] if len(micro_batches) == 1 else losses["loss"] / len(micro_batches)
+            scaler.scale(loss).backward()
+        out.append(losses)
+    scaler.step(optimizer)
+    scaler.update()
+    if average:
+        average_buffers(method.modules().values())
+    method.after_optimizer_step(step)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
                  dist: DistInfo = DistInfo()) -> None:
@@ -202,22 +266,11 @@ class Trainer:
         self.val_loader = make_loader(val_shard, cfg.eval.batch_size, False, 0,
                                       min(workers, 2), self.device, drop_last=False)
 
-        student = build_model(cfg).to(self.device)
-        self.channels_last = use_channels_last(t.channels_last, self.device)
-        if self.channels_last:
-            student = student.to(memory_format=torch.channels_last)
-        self.sync_bn = dist.enabled and t.sync_bn and self.device.type == "cuda"
-        if self.sync_bn:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        self.method: Method = build_method(cfg, student, self.iters_per_epoch).to(self.device)
-        self.optimizer = build_optimizer(student, cfg)
-        self.ddp = wrap_ddp(student, self.device) if dist.enabled else None
-        if self.ddp is not None:
-            self.method.student = self.ddp
-        if t.compile:
-            self.method.student = torch.compile(self.method.student)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        parts = build_training(cfg, self.device, self.iters_per_epoch, dist)
+        self.method, self.optimizer, self.scaler = parts.method, parts.optimizer, parts.scaler
+        self.autocast_dtype, self.channels_last = parts.autocast_dtype, parts.channels_last
+        self.ddp, self.sync_bn = parts.ddp, parts.sync_bn
+        student = self.method.student_net
         # Ranks differ in their random draws (e.g. the feature perturbation), not in the model.
         seed_everything(t.seed + dist.rank)
 
@@ -311,10 +364,6 @@ class Trainer:
                 yield [Batch(*self._to_device(next(stream))) for _ in range(k)]
             epoch, done = epoch + 1, 0
 
-    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """DDP averages gradients in the backward of an optimizer step's last micro-batch only."""
-        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-
     # ---- loop -----------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg = self.cfg.train
@@ -326,7 +375,6 @@ class Trainer:
         final: dict[str, EvalResult] = {}
         stopped = False
         first_step = self.step
-        modules = list(self.method.modules().values())
         if self._rng_to_restore is not None:  # last, so that nothing draws between it and the loop
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -335,23 +383,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = poly_lr(group["base_lr"], self.step, self.total_iters, cfg.poly_power)
             self.monitor.before_step(self.step, micro_batches[0])
-            self.optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                with self._grad_sync(last):
-                    with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                        losses = self.method.training_step(batch, self.step)
-                    loss = losses["loss"] if len(micro_batches) == 1 else losses["loss"] / len(micro_batches)
-                    self.scaler.scale(loss).backward()
+            step_losses = optimizer_step(self.method, self.optimizer, micro_batches, self.step, self.scaler,
+                                         self.autocast_dtype, self.ddp, average=self.dist.enabled and not self.sync_bn)
+            for losses in step_losses:
                 for k, v in losses.items():
                     running[k] = running.get(k, 0) + v.detach()
                 n_running += 1
                 self.nonfinite.update(losses, self.step + 1)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.dist.enabled and not self.sync_bn:
-                average_buffers(modules)  # no SyncBN on CPUs: make BN statistics equal on every rank
-            self.method.after_optimizer_step(self.step)
 
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == self.total_iters:

@@ -1,0 +1,311 @@
+"""Speed of the DSSN training step and of sliding-window evaluation: ours against a plain version.
+
+Times the full training step (forward, backward, SGD, EMA) on one fixed random batch, so that
+data loading does not blur the numbers, for two implementations of SPEC section 3:
+
+- ``fast``: the engine's own step (``dssn.engine.trainer.optimizer_step`` on the DSSN method):
+  batched decoder streams, the teacher under inference mode (one batched pass where
+  ``teacher_bn=running`` makes it exact), a fused multi-tensor EMA, no host synchronisation, and
+  the speed switches of ``train.*`` (``--precision``, ``--channels-last``, ``--compile``,
+  ``--checkpoint-backbone``);
+- ``plain``: SPEC 3 as research code writes it: separate teacher passes under ``no_grad``, masks
+  built with Python loops over classes, the EMA as a loop over state-dict entries, float32,
+  every loss read back with ``.item()`` at every step.
+
+Each runs in its own process (so that peak memory is its own) from the same initial weights and
+the same batch; the first step's losses of the two are compared (float32: they must agree within
+1e-5 relative). Sliding-window evaluation compares batched windows against one window at a time.
+
+Usage (the figures in the README and the closing note):
+``.venv/bin/python benchmarks/step.py`` (CPU: ResNet-50, crop 321, batch 2 + 2, 2 threads) and
+on a GPU ``python benchmarks/step.py --backbone resnet101 --crop 513 --precision bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dssn.config import load_config
+from dssn.engine.evaluate import sliding_window_logits, window_starts
+from dssn.engine.trainer import build_training, optimizer_step, resolve_device
+from dssn.method import Batch
+from dssn.method.components import IGNORE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import make_batch  # noqa: E402
+
+# Dense peak TFLOP/s (bf16/fp16 tensor cores; TF32 for float32), for the achieved fraction.
+GPU_PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+             "L4": (121.0, 60.0), "4090": (165.0, 82.6), "A10": (125.0, 62.5), "V100": (125.0, 15.7)}
+
+
+# ---- the plain step: SPEC 3 the way research code writes it ----------------------------------
+def plain_cplg(logits, tau_low, ratio):
+    prob = logits.softmax(1)
+    mask = torch.zeros(prob.shape[0], *prob.shape[2:], dtype=torch.bool, device=prob.device)
+    for b in range(prob.shape[0]):
+        for c in range(prob.shape[1]):
+            best = prob[b, c].max()
+            if best > tau_low:  # a host synchronisation per image and class
+                mask[b] |= prob[b, c] > ratio * best
+    return mask
+
+
+def plain_paste(base, donor, box):
+    out = base.clone()
+    idx = box.unsqueeze(1).expand(base.shape) if base.dim() == 4 else box
+    out[idx] = donor[idx]
+    return out
+
+
+def plain_ceu(q, t, m, ign):
+    ce = F.cross_entropy(q, t, reduction="none")
+    valid = ign != IGNORE
+    return (ce * m * valid).sum() / valid.sum()
+
+
+def plain_align(a, b):
+    def standard(v):
+        return (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True)
+    return ((standard(a) - standard(b)) ** 2).mean()
+
+
+def plain_step(student, teacher, optimizer, batch: Batch, step: int, cfg) -> dict[str, float]:
+    m = cfg.method
+    x, y = batch.labeled
+    u, um = batch.unlabeled, batch.mix
+    s1, s2 = plain_paste(u["s1"], um["s1"], u["b1"]), plain_paste(u["s2"], um["s2"], u["b2"])
+    with torch.no_grad():
+        teacher.train()
+        t_mix = teacher(um["w"]).detach()
+        t = teacher(u["w"]).detach()
+    t1, t2 = plain_paste(t, t_mix, u["b1"]), plain_paste(t, t_mix, u["b2"])
+    ign1, ign2 = plain_paste(u["ign"], um["ign"], u["b1"]), plain_paste(u["ign"], um["ign"], u["b2"])
+    student.train()
+    n = x.shape[0]
+    p, (f1, f2) = student(torch.cat((x, u["w"])), n_perturb=2)
+    p_x, p_w, f1, f2 = p[:n], p[n:].detach(), f1[n:], f2[n:]
+    q1, q2 = student(torch.cat((s1, s2))).chunk(2)
+    l_x = F.cross_entropy(p_x, y, ignore_index=IGNORE)
+    l_s = (plain_ceu(q1, t1.argmax(1), plain_cplg(t1, m.tau_low, m.ratio), ign1)
+           + plain_ceu(q2, t2.argmax(1), plain_cplg(t2, m.tau_low, m.ratio), ign2))
+    m_w = plain_cplg(p_w, m.tau_low, m.ratio)
+    y_w = p_w.argmax(1)
+    l_fp = plain_ceu(f1, y_w, m_w, u["ign"]) + plain_ceu(f2, y_w, m_w, u["ign"])
+    c_img, c_feat = plain_align(q1, q2), plain_align(f1, f2)
+    loss = m.weight_x * l_x + m.weight_u * (l_s + l_fp) + m.lambda_c * (c_img + c_feat)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # EMA through the state dicts, one entry at a time
+        momentum = 0.0 if step == 0 else m.ema_momentum
+        s_state = student.state_dict()
+        for k, v in teacher.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.copy_(v * momentum + s_state[k] * (1 - momentum))
+            else:
+                v.copy_(s_state[k])
+    return {"loss": loss.item(), "x": l_x.item(), "s": l_s.item(), "fp": l_fp.item(),
+            "c_img": c_img.item(), "c_feat": c_feat.item()}
+
+
+# ---- one variant, in its own process -------------------------------------------------------
+def config_for(args, fast: bool):
+    overrides = [f"model.backbone={args.backbone}", f"data.crop_size={args.crop}",
+                 f"train.batch_size={args.batch}", f"train.batch_size_unlabeled={args.batch}",
+                 f"train.device={args.device}", f"method.teacher_bn={args.teacher_bn}", "model.pretrained=null"]
+    if fast:
+        overrides += [f"train.precision={args.precision}", f"train.channels_last={args.channels_last}",
+                      f"train.compile={args.compile}", f"model.checkpoint_backbone={args.checkpoint_backbone}"]
+    else:
+        overrides += ["train.precision=fp32", "train.channels_last=false"]
+    return load_config("pascal", overrides)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device) -> dict[str, float]:
+    out = {"cpu_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_variant(args) -> dict:
+    fast = args.variant == "fast"
+    cfg = config_for(args, fast)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(0)
+    parts = build_training(cfg, device, iters_per_epoch=100)
+    method = parts.method
+    batch = make_batch(args.batch, args.crop, cfg.data.num_classes)
+    images = {"w", "s1", "s2"}
+
+    def move(t, image):
+        t = t.to(device)
+        return t.contiguous(memory_format=torch.channels_last) if image and parts.channels_last else t
+
+    batch = Batch((move(batch.labeled[0], True), move(batch.labeled[1], False)),
+                  {k: move(v, k in images) for k, v in batch.unlabeled.items()},
+                  {k: move(v, k in images) for k, v in batch.mix.items()})
+    student, teacher = method.student_net, method.teacher
+    with torch.no_grad():  # confident predictions: CPLG selects pixels, so every loss term is non-zero
+        student.classifier.weight.mul_(args.confidence)
+    teacher.load_state_dict(student.state_dict())  # the same start for both variants
+    times, first = [], None
+    for i in range(args.warmup + args.steps):
+        torch.manual_seed(100 + i)  # the same dropout in the perturbed streams
+        sync(device)
+        start = time.perf_counter()
+        if fast:
+            losses = optimizer_step(method, parts.optimizer, [batch], i + 1, parts.scaler, parts.autocast_dtype)[0]
+            if i == 0:
+                first = {k: v.item() for k, v in losses.items() if k in ("loss", "x", "s", "fp", "c_img", "c_feat")}
+        else:
+            logged = plain_step(student, teacher, parts.optimizer, batch, i + 1, cfg)
+            first = first or logged
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"variant": args.variant, "step_ms": [1000 * t for t in times[args.warmup:]], "first_losses": first,
+              "first_step_ms": 1000 * times[0], **peak_memory(device)}
+    if fast and device.type == "cuda":
+        result["flops"] = count_flops(method, parts, batch)
+    return result
+
+
+def count_flops(method, parts, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        optimizer_step(method, parts.optimizer, [batch], 5, parts.scaler, parts.autocast_dtype)
+    return float(counter.get_total_flops())
+
+
+def run_eval_variant(args) -> dict:
+    """Sliding-window probabilities of one image of ``2 x crop``: batched windows or one at a time."""
+    device = resolve_device(args.device)
+    cfg = config_for(args, fast=False)
+    torch.manual_seed(0)
+    net = build_training(cfg, device, 1).method.student_net.eval()
+    image = torch.randn(1, 3, 2 * args.crop, 2 * args.crop, generator=torch.Generator().manual_seed(1)).to(device)
+    stride = int(args.crop * 2 / 3)
+    times, out = [], None
+    for _ in range(args.eval_reps):
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if args.variant == "eval-fast":
+                out = sliding_window_logits(net, image, cfg.data.num_classes, args.crop, stride,
+                                            batch_size=args.eval_batch)
+            else:
+                out = plain_sliding(net, image, cfg.data.num_classes, args.crop, stride)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"variant": args.variant, "ms": [1000 * t for t in times], "checksum": float(out.double().sum()),
+            "windows": len(window_starts(2 * args.crop, args.crop, stride)) ** 2, **peak_memory(device)}
+
+
+def plain_sliding(net, image, classes, window, stride):
+    _, _, h, w = image.shape
+    total = image.new_zeros((1, classes, h, w))
+    for r in window_starts(h, window, stride):
+        for c in window_starts(w, window, stride):
+            total[:, :, r:r + window, c:c + window] += net(image[:, :, r:r + window, c:c + window]).softmax(1)
+    return total
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def spawn(variant: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--variant", variant]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--crop", type=int, default=321)
+    p.add_argument("--batch", type=int, default=2, help="labeled and unlabeled images per step (each)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps (its losses are compared)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default=None, help="fast variant: fp32, bf16 or fp16 (default: bf16 on GPUs, "
+                                                     "fp32 on CPUs)")
+    p.add_argument("--channels-last", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpoint-backbone", action="store_true")
+    p.add_argument("--teacher-bn", default="batch", choices=["batch", "running"])
+    p.add_argument("--confidence", type=float, default=40.0, help="scale of the initial classifier weights")
+    p.add_argument("--eval-reps", type=int, default=2)
+    p.add_argument("--eval-batch", type=int, default=8, help="windows per forward pass (fast evaluation)")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--variant", choices=["fast", "plain", "eval-fast", "eval-plain"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    torch.set_num_threads(args.threads)
+    if args.variant:
+        run = run_eval_variant if args.variant.startswith("eval") else run_variant
+        print(json.dumps(run(args)))
+        return
+
+    argv = [a for a in sys.argv[1:]] + [f"--precision={args.precision}"]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"# DSSN step: {args.backbone}, crop {args.crop}, batch {args.batch} + {args.batch}, {name}; fast = "
+          f"{args.precision}, channels_last={args.channels_last}, compile={args.compile}, "
+          f"checkpoint_backbone={args.checkpoint_backbone}, teacher_bn={args.teacher_bn}")
+    results = {v: spawn(v, argv) for v in ("plain", "fast")}
+    images = 3 * args.batch  # labeled + unlabeled + the CutMix donors
+    for v in ("plain", "fast"):
+        r = results[v]
+        ms = statistics.median(r["step_ms"])
+        mem = f"peak RSS {r['cpu_rss_mib']:.0f} MiB" + (f", GPU peak {r['gpu_peak_mib']:.0f} MiB"
+                                                         if "gpu_peak_mib" in r else "")
+        print(f"{v:5s}: {ms:9.1f} ms/step  {1000 * images / ms:6.2f} img/s  {mem}  (first step {r['first_step_ms']:.0f} ms)")
+    ratio = statistics.median(results["plain"]["step_ms"]) / statistics.median(results["fast"]["step_ms"])
+    print(f"speed-up fast/plain: {ratio:.2f}x")
+    a, b = results["fast"]["first_losses"], results["plain"]["first_losses"]
+    rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
+    print("first-step losses (fast | plain): " + ", ".join(f"{k} {a[k]:.6g} | {b[k]:.6g}" for k in b))
+    print(f"largest relative loss difference: {rel:.2e}" + ("  (float32: must be <= 1e-5)"
+                                                             if args.precision == "fp32" else ""))
+    if "flops" in results["fast"]:
+        ms = statistics.median(results["fast"]["step_ms"])
+        achieved = results["fast"]["flops"] / (ms / 1000) / 1e12
+        peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+        share = "" if peak is None else (f" = {100 * achieved / peak[0 if args.precision != 'fp32' else 1]:.0f}% of "
+                                         f"the {'bf16/fp16' if args.precision != 'fp32' else 'TF32'} dense peak")
+        print(f"achieved: {achieved:.1f} TFLOP/s ({results['fast']['flops'] / 1e12:.2f} TFLOP per step){share}")
+    if args.skip_eval:
+        return
+    ev = {v: spawn(v, argv) for v in ("eval-plain", "eval-fast")}
+    e_plain, e_fast = (min(ev[v]["ms"]) for v in ("eval-plain", "eval-fast"))
+    same = abs(ev["eval-plain"]["checksum"] - ev["eval-fast"]["checksum"]) <= 1e-4 * abs(ev["eval-plain"]["checksum"])
+    print(f"# sliding-window evaluation: one {2 * args.crop}x{2 * args.crop} image, {ev['eval-fast']['windows']} "
+          f"windows of {args.crop}")
+    print(f"plain (one window at a time): {e_plain:.0f} ms   fast (batches of {args.eval_batch}): {e_fast:.0f} ms   "
+          f"speed-up {e_plain / e_fast:.2f}x   same probabilities: {same}")
+
+
+if __name__ == "__main__":
+    main()
