@@ -271,8 +271,8 @@ class Trainer:
         self.autocast_dtype, self.channels_last = parts.autocast_dtype, parts.channels_last
         self.ddp, self.sync_bn = parts.ddp, parts.sync_bn
         student = self.method.student_net
-        # Ranks differ in their random draws (e.g. the feature perturbation), not in the model.
-        seed_everything(t.seed + dist.rank)
+        if dist.enabled:  # ranks differ in their random draws (the feature perturbation), not in the model
+            seed_everything(t.seed + dist.rank)
 
         def open_logs() -> tuple[RunLogger, TrainingMonitor]:
             # Checkpoint size: every network's state plus the optimizer's momentum (one per parameter).
