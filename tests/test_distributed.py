@@ -53,24 +53,34 @@ def test_rank_shards_split_each_epoch_without_overlap():
     assert list(ranks[0]) != shards[0]
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """This worker's torchrun-style environment, then the gloo group."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")  # train() joins this group and leaves it open
+
+
+def _keep_final_networks(trainer_cls, kept: dict) -> None:
+    """Make ``Trainer.fit`` also store every network's final state in ``kept``."""
+    plain_fit = trainer_cls.fit
+
+    def fit_and_keep(self):
+        result = plain_fit(self)
+        kept.update({name: copy.deepcopy(m.state_dict()) for name, m in self.method.modules().items()})
+        return result
+
+    trainer_cls.fit = fit_and_keep
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     from dssn.config import build_config
     from dssn.engine import evaluate as ev
     from dssn.engine import trainer as tr
     from dssn.engine.distributed import DistInfo, all_reduce_sum, shard
 
-    dumped = {}
-    plain_fit = tr.Trainer.fit
-
-    def fit_and_keep(self):
-        result = plain_fit(self)
-        dumped["models"] = {name: copy.deepcopy(m.state_dict()) for name, m in self.method.modules().items()}
-        dumped["first_labels"] = first_labels
-        return result
-
+    models = {}
+    _keep_final_networks(tr.Trainer, models)
     first_labels = []
     plain_steps = tr.Trainer._steps
 
@@ -80,8 +90,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> N
                 first_labels.append(micro_batches[0].labeled[1].clone())
             yield micro_batches
 
-    tr.Trainer.fit, tr.Trainer._steps = fit_and_keep, steps
-    torch.distributed.init_process_group("gloo")  # train() joins this group and leaves it open
+    tr.Trainer._steps = steps
+    _join(rank, world, port)
     try:
         result = tr.train(build_config(cfg_dict))
 
@@ -98,8 +108,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> N
         whole = ev.evaluate({"m": net}, torch.utils.data.DataLoader(data, batch_size=2), 4, cpu)["m"]
     finally:
         torch.distributed.destroy_process_group()
-    dumped.update(confusion=dist_conf, whole_confusion=whole.confusion, n_shard=len(mine),
-                  final=result.final)
+    dumped = dict(models=models, first_labels=first_labels, confusion=dist_conf, whole_confusion=whole.confusion,
+                  n_shard=len(mine), final=result.final)
     torch.save(dumped, Path(out) / f"rank{rank}.pt")
 
 
@@ -195,3 +205,40 @@ def test_accumulation_equals_one_step_over_the_summed_gradients(data_root, tmp_p
     reference.step()
     for (name, a), b in zip(trainer.method.student_net.named_parameters(), start.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def _train_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -> None:
+    """Train each config in turn (2 processes), then save this rank's final networks."""
+    from dssn.config import build_config
+    from dssn.engine import trainer as tr
+
+    kept = {}
+    _keep_final_networks(tr.Trainer, kept)
+    _join(rank, world, port)
+    try:
+        for cfg_dict in cfg_dicts:
+            tr.train(build_config(cfg_dict))
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(kept, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_process_run_resumes_exactly(data_root, tmp_path):
+    """Stopped after 2 of 4 steps and resumed, a two-process run ends where an uninterrupted one
+    does: every rank's data position and random streams come back from the checkpoint."""
+    common = ("method.name=dssn", "train.iters=4", "train.checkpoint_every=2", "train.deterministic=true",
+              "train.eval_every=100")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    run_processes(_train_worker, (2, free_port(), [tiny(data_root, tmp_path / "a", *common).to_dict()],
+                                  str(straight)), nprocs=2)
+    stop = tiny(data_root, tmp_path / "b", *common, "train.stop_after=2").to_dict()
+    go_on = tiny(data_root, tmp_path / "b", *common).to_dict()
+    run_processes(_train_worker, (2, free_port(), [stop, go_on], str(resumed)), nprocs=2)
+    for rank in range(2):
+        a = torch.load(straight / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
+        for name in ("student", "teacher"):
+            for key, value in a[name].items():
+                assert torch.equal(value, b[name][key]), f"rank {rank}: {name}.{key}"
