@@ -502,7 +502,11 @@ def train(cfg: Config) -> TrainResult:
 
     dist, created_group = init_distributed(resolve_device(cfg.train.device))
     try:
-        check_before_training(cfg)  # fast data check first: stop before a run folder or model exists
+        # Fast data check first: stop before a run folder or model exists. Rank 0 goes first (it may
+        # generate the built-in dataset), then the others check their own copy (other machines).
+        run_on_main(lambda: check_before_training(cfg), dist)
+        if not dist.is_main:
+            check_before_training(cfg)
 
         opened: dict[str, Any] = {}
 
