@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dssn.config import load_config
 from dssn.engine.evaluate import sliding_window_logits, window_starts
-from dssn.engine.trainer import build_training, optimizer_step, resolve_device
+from dssn.engine.trainer import build_training, optimizer_step, resolve_device, to_device
 from dssn.method import Batch
 from dssn.method.components import IGNORE
 
@@ -153,16 +153,8 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     parts = build_training(cfg, device, iters_per_epoch=100)
     method = parts.method
-    batch = make_batch(args.batch, args.crop, cfg.data.num_classes)
-    images = {"w", "s1", "s2"}
-
-    def move(t, image):
-        t = t.to(device)
-        return t.contiguous(memory_format=torch.channels_last) if image and parts.channels_last else t
-
-    batch = Batch((move(batch.labeled[0], True), move(batch.labeled[1], False)),
-                  {k: move(v, k in images) for k, v in batch.unlabeled.items()},
-                  {k: move(v, k in images) for k, v in batch.mix.items()})
+    b = make_batch(args.batch, args.crop, cfg.data.num_classes)
+    batch = Batch(*to_device((b.labeled, b.unlabeled, b.mix), device, parts.channels_last))
     student, teacher = method.student_net, method.teacher
     with torch.no_grad():  # confident predictions: CPLG selects pixels, so every loss term is non-zero
         student.classifier.weight.mul_(args.confidence)

@@ -141,6 +141,19 @@ class NonFiniteWatch:
                             "after the failure was saved. Try a lower train.lr, or check the data.")
 
 
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """A loader's batch (tensors in tuples, lists and dicts) on ``device``; images (4-D floats)
+    channels-last if asked."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return tuple(to_device(v, device, channels_last) for v in batch)
+    out = batch.to(device, non_blocking=device.type == "cuda")
+    if channels_last and out.dim() == 4 and out.is_floating_point():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def use_channels_last(setting: bool | str, device: torch.device) -> bool:
     """``train.channels_last``: ``auto`` is on for GPUs only (on the CPUs measured it was slower)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
@@ -245,10 +258,9 @@ class Trainer:
 
         labeled, unlabeled = build_train_datasets(cfg)
         t, workers = cfg.train, cfg.data.num_workers
-        self.method_uses_unlabeled = METHODS[cfg.method.name].uses_unlabeled
         # Each rank reads its shard of every epoch; an optimizer step takes `accumulate` batches.
         self.loaders = [make_train_loader(labeled, t.batch_size, t.seed, workers, self.device, dist)]
-        if self.method_uses_unlabeled:
+        if METHODS[cfg.method.name].uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
             # U and U' (the CutMix donors): two independent streams over the unlabeled set.
@@ -340,17 +352,6 @@ class Trainer:
             self.logger.message(f"resuming {self.run_dir} from step {self.step}/{self.total_iters}")
 
     # ---- data -----------------------------------------------------------------
-    def _to_device(self, batch: Any) -> Any:
-        """A loader's batch on the device; images (4-D floats) channels-last if so configured."""
-        if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return tuple(self._to_device(v) for v in batch)
-        out = batch.to(self.device, non_blocking=self.device.type == "cuda")
-        if self.channels_last and out.dim() == 4 and out.is_floating_point():
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
-
     def _steps(self) -> Iterator[list[Batch]]:
         """Endless stream of optimizer steps, each ``accumulate`` batches on the device."""
         k = self.cfg.train.accumulate
@@ -361,7 +362,7 @@ class Trainer:
                 loader.sampler.set_epoch(epoch, done * k * loader.batch_size)
             stream = zip(*self.loaders)
             for _ in range(self.iters_per_epoch - done):
-                yield [Batch(*self._to_device(next(stream))) for _ in range(k)]
+                yield [Batch(*to_device(next(stream), self.device, self.channels_last)) for _ in range(k)]
             epoch, done = epoch + 1, 0
 
     # ---- loop -----------------------------------------------------------------
@@ -412,12 +413,16 @@ class Trainer:
         wall = time.perf_counter() - start
         self.logger.close()
         if stopped:
-            return TrainResult(self.run_dir, {}, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
+            return self._result({}, wall)
         if self.step == first_step:  # a resumed run that had already finished: report its last scores
-            return TrainResult(self.run_dir, self.last_eval, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
+            return self._result(self.last_eval, wall)
         summary = {name: r.summary(self.class_names) for name, r in final.items()}
         self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
-        return TrainResult(self.run_dir, summary, self.best_miou * 100, self.step, wall, self.history, self.dist.is_main)
+        return self._result(summary, wall)
+
+    def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
+        return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
+                           self.dist.is_main)
 
     def _log_train(self, running: dict[str, torch.Tensor], n: int) -> None:
         names = list(running)
@@ -439,7 +444,7 @@ class Trainer:
         eval_start = time.perf_counter()
         results = evaluate(self.method.eval_models(), self.val_loader, self.cfg.data.num_classes, self.device,
                            e.mode, e.crop_size or self.cfg.data.crop_size, e.stride_ratio, e.scales, e.flip,
-                           reduce=all_reduce_sum if self.dist.enabled else None)
+                           reduce=all_reduce_sum)  # the identity in a single process
         summary = {name: r.summary(self.class_names) for name, r in results.items()}
         self.logger.log_eval(self.step, epoch, summary)
         self.monitor.on_eval(self.step, epoch, summary, time.perf_counter() - eval_start)
@@ -458,8 +463,7 @@ class Trainer:
         rng_ranks = gather_to_main(capture_rng_state())  # each rank's random streams, for an exact resume
 
         def write() -> None:
-            state = self._checkpoint_state(epoch, self.last_eval)
-            state["rng_ranks"] = rng_ranks
+            state = self._checkpoint_state(epoch, self.last_eval, rng_ranks)
             try:
                 save_checkpoint(self.run_dir, state, self.cfg.train.keep_last, best=best)
             except OSError as err:
@@ -471,7 +475,8 @@ class Trainer:
         run_on_main(write, self.dist)
         self.last_saved = self.step
 
-    def _checkpoint_state(self, epoch: int, summary: dict) -> dict[str, Any]:
+    def _checkpoint_state(self, epoch: int, summary: dict, rng_ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """``rng_ranks``: every rank's RNG states (rank 0's is also stored as ``rng``)."""
         return {
             "format": FORMAT,
             "step": self.step,
@@ -485,7 +490,8 @@ class Trainer:
             "palette": palette_for(self.cfg),
             "eval": summary,
             "history": self.history,
-            "rng": capture_rng_state(),
+            "rng": rng_ranks[0],
+            **({"rng_ranks": rng_ranks} if self.dist.enabled else {}),
             "data": {"iters_per_epoch": self.iters_per_epoch, "epoch": self.step // self.iters_per_epoch,
                      "batches_done": self.step % self.iters_per_epoch, "world_size": self.dist.world_size,
                      "accumulate": self.cfg.train.accumulate},
@@ -511,8 +517,8 @@ def train(cfg: Config) -> TrainResult:
         opened: dict[str, Any] = {}
 
         def open_run() -> tuple[Path, Path | None]:
-            run_dir, found = opened["run_dir"], opened["found"] = open_run_dir(cfg)  # new, or one to resume
-            return run_dir, found[0] if found else None
+            run_dir, opened["found"] = open_run_dir(cfg)  # a new run, or the run already in run_dir to resume
+            return run_dir, opened["found"][0] if opened["found"] else None
 
         run_dir, checkpoint = broadcast_from_main(run_on_main(open_run, dist))
         if dist.is_main:

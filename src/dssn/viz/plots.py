@@ -63,6 +63,20 @@ def _no_data(ax, text: str = "no data logged") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _plot_teacher_percent(ax, diag: list[dict[str, Any]], key: str, color: str, ylabel: str, title: str) -> None:
+    """A teacher-vs-student diagnostic (a fraction) in percent over iterations, or a note when the
+    method has no teacher."""
+    steps, values = _series(diag, key)
+    if values.size:
+        ax.plot(steps, 100 * values, color=color)
+    else:
+        _no_data(ax, "no teacher in this method")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
 def _class_legend(ax, n: int) -> None:
     ax.legend(fontsize=7, ncol=2 if n > 10 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
@@ -278,15 +292,8 @@ def health_figure(run: RunData) -> Figure:
     ax_sim.set_title("positive vs random pixel pairs (healthy: solid above dotted)", fontsize=9)
     ax_sim.grid(alpha=0.3)
 
-    steps, dist = _series(diag, "teacher_distance")
-    if dist.size:
-        ax_dist.plot(steps, 100 * dist, color="tab:purple")
-    else:
-        _no_data(ax_dist, "no teacher in this method")
-    ax_dist.set_xlabel("iteration")
-    ax_dist.set_ylabel("||T - S|| / ||S|| (%)")
-    ax_dist.set_title("teacher-student parameter distance", fontsize=9)
-    ax_dist.grid(alpha=0.3)
+    _plot_teacher_percent(ax_dist, diag, "teacher_distance", "tab:purple", "||T - S|| / ||S|| (%)",
+                          "teacher-student parameter distance")
 
     shares = [r for r in diag if r.get("share")]
     if shares:
@@ -302,15 +309,8 @@ def health_figure(run: RunData) -> Figure:
     ax_share.set_ylabel("% of the weighted total loss")
     ax_share.set_title("share of each loss term", fontsize=9)
 
-    steps, agree = _series(diag, "agreement")
-    if agree.size:
-        ax_agree.plot(steps, 100 * agree, color="tab:green")
-    else:
-        _no_data(ax_agree, "no teacher in this method")
-    ax_agree.set_xlabel("iteration")
-    ax_agree.set_ylabel("% of pixels with the same argmax")
-    ax_agree.set_title("student / teacher agreement on the weak view", fontsize=9)
-    ax_agree.grid(alpha=0.3)
+    _plot_teacher_percent(ax_agree, diag, "agreement", "tab:green", "% of pixels with the same argmax",
+                          "student / teacher agreement on the weak view")
     fig.tight_layout()
     return fig
 
