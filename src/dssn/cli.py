@@ -277,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoints/. Pointed at an existing run folder (run_dir=PATH) it resumes "
                                    "that run from its newest checkpoint, if the config matches (else it lists "
                                    "the differing keys; train.resume=force resumes anyway). To resume: "
-                                   "dssn train RUN/config.yaml run_dir=RUN.")
+                                   "dssn train RUN/config.yaml run_dir=RUN. Several GPUs or machines: "
+                                   "torchrun --nproc_per_node=N -m dssn train ... (batch sizes are per "
+                                   "process). Speed and memory: train.precision=bf16|fp16, train.accumulate=K, "
+                                   "train.channels_last, train.compile=true, model.checkpoint_backbone=true.")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_train)
