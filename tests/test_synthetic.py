@@ -16,6 +16,7 @@ from dssn.data.synthetic import (
     NUM_CLASSES,
     class_frequencies,
     make_synthetic,
+    refresh_synthetic,
     render_sample,
     split_name,
     voc_palette,
@@ -237,3 +238,22 @@ def test_interrupted_generation_is_redone(tmp_path: Path) -> None:
     make_synthetic(root, num_train=4, num_val=1, size=32)
     assert _files(root) == reference
     assert (root / "dataset.json").is_file() and not (root / ".incomplete").exists()
+
+
+def test_cache_from_an_older_generator_is_regenerated(tmp_path: Path) -> None:
+    params = dict(seed=3, num_train=4, num_val=1, size=32)
+    root = make_synthetic(tmp_path / "data", **params)
+    reference = _files(root)
+    (root / "notes.txt").write_text("user file")
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["version"] -= 1
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    (root / "JPEGImages/train_00000.jpg").write_bytes(b"old")
+    # Through the loader's entry point, which knows nothing of the parameters: the
+    # manifest's are used, and nothing but our own files is touched.
+    assert refresh_synthetic(root) == root
+    assert _files(root) == {**reference, "notes.txt": b"user file"}
+    assert json.loads((root / "dataset.json").read_text())["version"] == manifest["version"] + 1
+    # Other parameters still need force, as before.
+    with pytest.raises(FileExistsError, match="seed"):
+        make_synthetic(root, **{**params, "seed": 4})

@@ -105,10 +105,9 @@ def data_root(cfg: Config) -> Path:
     """``data.root``, checked to exist (the built-in dataset is generated there first)."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.dataset == "synthetic":
-        from dssn.data.synthetic import MANIFEST_NAME, make_synthetic
+        from dssn.data.synthetic import refresh_synthetic
 
-        if not (root / MANIFEST_NAME).is_file():  # written last: present means complete, whatever its size
-            make_synthetic(root)
+        refresh_synthetic(root)  # generated if absent or made by an older generator
     if not root.is_dir():
         raise DataError(f"data root '{root.resolve()}' does not exist (data.root). Download the dataset there "
                         f"or point data.root=PATH at it; see the README section for '{cfg.data.dataset}'.")
