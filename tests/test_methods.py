@@ -31,7 +31,8 @@ def make_batch(seed=0, n=2, size=32):
 
 def make_method(*overrides):
     cfg = load_config("synthetic", ["model.backbone=resnet18", "model.decoder_channels=16",
-                                    f"data.num_classes={N_CLASSES}", "method.name=dssn", *overrides])
+                                    f"data.num_classes={N_CLASSES}", "method.name=dssn",
+                                    "method.teacher_bn=batch", *overrides])  # SPEC's default, not the preset's
     torch.manual_seed(0)
     student = dssn.DeepLabV3Plus(N_CLASSES, backbone="resnet18", decoder_channels=16)
     with torch.no_grad():  # confident predictions, so that CPLG selects pixels
