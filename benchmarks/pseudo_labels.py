@@ -1,0 +1,86 @@
+"""How good are CPLG's pseudo labels? Scored against the true masks of unlabeled images.
+
+The built-in dataset keeps a mask for every image, including those listed as
+unlabeled, so the pseudo labels a network would hand to DSSN can be checked.
+For each class this prints, over the whole (un-augmented) unlabeled images:
+
+- ``selected``: the share of the class's true pixels that CPLG selects (as any class);
+- ``precision``: the share of pixels selected *as* the class that truly are it;
+- ``recall (argmax)``: the share of the class's pixels whose argmax is the class;
+- ``active``: of the images that contain the class, how many have a best probability
+  for it above ``tau_low`` (CPLG selects nothing for the class in the others).
+
+Usage: ``.venv/bin/python benchmarks/pseudo_labels.py CHECKPOINT [--root data/synthetic]
+[--images 320] [--network student] [--tau-low 0.92] [--ratio 0.96]``, for example on the
+1/16 supervised run of ``benchmarks/headroom.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dssn.engine.inference import load_for_inference
+from dssn.method.components import cplg_mask
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--root", type=Path, default=Path("data/synthetic"))
+    parser.add_argument("--split", default="splits/1_16/unlabeled.txt")
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--network", default=None, help="student or teacher (default: the teacher if any)")
+    parser.add_argument("--tau-low", type=float, default=0.92)
+    parser.add_argument("--ratio", type=float, default=0.96)
+    args = parser.parse_args()
+
+    models = load_for_inference(args.checkpoint, device="cpu")
+    name, model = models.pick(args.network)
+    pairs = [line.split() for line in (args.root / args.split).read_text().splitlines() if line.strip()]
+    pairs = pairs[: args.images]
+    n = len(models.class_names)
+    every = np.zeros((n, n), dtype=np.int64)  # [true, argmax] over all labelled pixels
+    chosen = np.zeros((n, n), dtype=np.int64)  # the same over CPLG-selected pixels
+    present = np.zeros(n, dtype=np.int64)  # images containing the class
+    active = np.zeros(n, dtype=np.int64)  # ... whose best probability for it exceeds tau_low
+    for start in range(0, len(pairs), 32):
+        chunk = pairs[start:start + 32]
+        images = np.stack([np.asarray(Image.open(args.root / image).convert("RGB")) for image, _ in chunk])
+        truth = np.stack([np.asarray(Image.open(args.root / mask)) for _, mask in chunk]).astype(np.int64)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+        with torch.inference_mode():
+            logits = model(x)
+        pred = logits.argmax(1).numpy()
+        selected = cplg_mask(logits, args.tau_low, args.ratio).numpy()
+        valid = truth != 255
+        contains = np.stack([np.bincount(t[t != 255], minlength=n)[:n] > 0 for t in truth])
+        passes = (logits.softmax(1).amax(dim=(2, 3)) > args.tau_low).numpy()
+        present += contains.sum(0)
+        active += (contains & passes).sum(0)
+        every += np.bincount(n * truth[valid] + pred[valid], minlength=n * n).reshape(n, n)
+        keep = valid & selected
+        chosen += np.bincount(n * truth[keep] + pred[keep], minlength=n * n).reshape(n, n)
+
+    def pct(a: np.ndarray, b: np.ndarray) -> list[str]:
+        return ["-" if d == 0 else f"{100 * c / d:.1f}" for c, d in zip(a, b)]
+
+    print(f"{name} of {args.checkpoint}, {len(pairs)} images of {args.split}, "
+          f"CPLG tau_low={args.tau_low} ratio={args.ratio}\n")
+    print("| class | true pixels | selected (%) | precision (%) | recall, argmax (%) | active |")
+    print("|---|---|---|---|---|---|")
+    rows = zip(models.class_names, every.sum(1), pct(chosen.sum(1), every.sum(1)),
+               pct(np.diag(chosen), chosen.sum(0)), pct(np.diag(every), every.sum(1)), active, present)
+    for cls, count, sel, prec, rec, act, pres in rows:
+        print(f"| {cls} | {count} | {sel} | {prec} | {rec} | {act} of {pres} |")
+
+
+if __name__ == "__main__":
+    main()
