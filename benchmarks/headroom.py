@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from dssn.config import load_config
+from dssn.demo import same_labeled_step
 from dssn.engine.trainer import train
 
 SPLITS = {"1/16": "splits/1_16/labeled.txt", "all labels": "splits/full/labeled.txt"}
@@ -34,9 +35,7 @@ def main() -> None:
         run_dir = args.out / f"supervised-{split.split('/')[1]}-seed{args.seed}"
         cfg = load_config("synthetic", ["method.name=supervised", f"data.labeled_split={split}",
                                         f"train.seed={args.seed}", f"run_dir={run_dir}", *args.overrides])
-        # As in dssn demo: the baseline's learning rate is scaled by DSSN's weight on L_x.
-        cfg.train = cfg.train.model_copy(update={"lr": cfg.train.lr * cfg.method.weight_x})
-        result = train(cfg)
+        result = train(same_labeled_step(cfg))  # as dssn demo runs the baseline
         student = result.final["student"]
         rows.append((name, student["miou"], student["per_class"], result.wall_time))
 

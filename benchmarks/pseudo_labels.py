@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from dssn.data.transforms import mask_to_tensor, to_tensor_normalized
+from dssn.engine.evaluate import IGNORE, confusion_matrix
 from dssn.engine.inference import load_for_inference
 from dssn.method.components import cplg_mask
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def main() -> None:
@@ -47,37 +45,33 @@ def main() -> None:
     pairs = [line.split() for line in (args.root / args.split).read_text().splitlines() if line.strip()]
     pairs = pairs[: args.images]
     n = len(models.class_names)
-    every = np.zeros((n, n), dtype=np.int64)  # [true, argmax] over all labelled pixels
-    chosen = np.zeros((n, n), dtype=np.int64)  # the same over CPLG-selected pixels
-    present = np.zeros(n, dtype=np.int64)  # images containing the class
-    active = np.zeros(n, dtype=np.int64)  # ... whose best probability for it exceeds tau_low
+    every = torch.zeros(n, n, dtype=torch.long)  # [true, argmax] over all labelled pixels
+    chosen = torch.zeros(n, n, dtype=torch.long)  # the same over CPLG-selected pixels
+    present = torch.zeros(n, dtype=torch.long)  # images containing the class
+    active = torch.zeros(n, dtype=torch.long)  # ... whose best probability for it exceeds tau_low
     for start in range(0, len(pairs), 32):
         chunk = pairs[start:start + 32]
-        images = np.stack([np.asarray(Image.open(args.root / image).convert("RGB")) for image, _ in chunk])
-        truth = np.stack([np.asarray(Image.open(args.root / mask)) for _, mask in chunk]).astype(np.int64)
-        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+        x = torch.stack([to_tensor_normalized(Image.open(args.root / image)) for image, _ in chunk])
+        truth = torch.stack([mask_to_tensor(Image.open(args.root / mask)) for _, mask in chunk])
         with torch.inference_mode():
             logits = model(x)
-        pred = logits.argmax(1).numpy()
-        selected = cplg_mask(logits, args.tau_low, args.ratio).numpy()
-        valid = truth != 255
-        contains = np.stack([np.bincount(t[t != 255], minlength=n)[:n] > 0 for t in truth])
-        passes = (logits.softmax(1).amax(dim=(2, 3)) > args.tau_low).numpy()
+        pred = logits.argmax(1)
+        every += confusion_matrix(pred, truth, n)
+        chosen += confusion_matrix(pred, truth.masked_fill(~cplg_mask(logits, args.tau_low, args.ratio), IGNORE), n)
+        contains = torch.stack([torch.bincount(t[t != IGNORE], minlength=n)[:n] > 0 for t in truth])
+        passes = logits.softmax(1).amax(dim=(2, 3)) > args.tau_low
         present += contains.sum(0)
         active += (contains & passes).sum(0)
-        every += np.bincount(n * truth[valid] + pred[valid], minlength=n * n).reshape(n, n)
-        keep = valid & selected
-        chosen += np.bincount(n * truth[keep] + pred[keep], minlength=n * n).reshape(n, n)
 
-    def pct(a: np.ndarray, b: np.ndarray) -> list[str]:
-        return ["-" if d == 0 else f"{100 * c / d:.1f}" for c, d in zip(a, b)]
+    def pct(a: torch.Tensor, b: torch.Tensor) -> list[str]:
+        return ["-" if d == 0 else f"{100 * c / d:.1f}" for c, d in zip(a.tolist(), b.tolist())]
 
     print(f"{name} of {args.checkpoint}, {len(pairs)} images of {args.split}, "
           f"CPLG tau_low={args.tau_low} ratio={args.ratio}\n")
     print("| class | true pixels | selected (%) | precision (%) | recall, argmax (%) | active |")
     print("|---|---|---|---|---|---|")
-    rows = zip(models.class_names, every.sum(1), pct(chosen.sum(1), every.sum(1)),
-               pct(np.diag(chosen), chosen.sum(0)), pct(np.diag(every), every.sum(1)), active, present)
+    rows = zip(models.class_names, every.sum(1).tolist(), pct(chosen.sum(1), every.sum(1)),
+               pct(chosen.diag(), chosen.sum(0)), pct(every.diag(), every.sum(1)), active.tolist(), present.tolist())
     for cls, count, sel, prec, rec, act, pres in rows:
         print(f"| {cls} | {count} | {sel} | {prec} | {rec} | {act} of {pres} |")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dssn.config import load_config
+from dssn.config import Config, load_config
 from dssn.data.synthetic import make_synthetic
 from dssn.engine.trainer import TrainingError, train
 
@@ -23,6 +23,13 @@ def _table(rows: list[dict], class_names: list[str]) -> str:
         cells = [r["method"], f"{r['miou']:.2f}", teacher, *ious, f"{r['wall_time']:.0f}", str(r["seed"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def same_labeled_step(cfg: Config) -> Config:
+    """The ``supervised`` baseline's config with the learning rate ``lr * weight_x``: it sees the
+    same labeled batch as DSSN, which weighs its labeled loss by ``weight_x`` (0.5), so both
+    take the same step on L_x."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr * cfg.method.weight_x})})
 
 
 def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | None = None,
@@ -45,10 +52,7 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
             cfg = load_config("synthetic", [f"method.name={method}", f"train.seed={seed}", f"data.root={data_root}",
                                             f"run_dir={out_dir / f'{method}-seed{seed}'}", *extra, *overrides])
             if method == "supervised":
-                # Same labeled batch as DSSN; DSSN weighs its labeled loss by weight_x (0.5), so the
-                # baseline's learning rate is scaled by it: both take the same step on L_x.
-                t = cfg.train
-                cfg.train = t.model_copy(update={"lr": t.lr * cfg.method.weight_x})
+                cfg = same_labeled_step(cfg)
             print(f"\n== {method}, seed {seed}: {cfg.train.iters} iterations on {cfg.data.labeled_split} ==")
             result = train(cfg)
             student = result.final["student"]

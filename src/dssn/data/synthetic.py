@@ -437,16 +437,14 @@ def _prepare_root(root: Path, params: dict, force: bool) -> bool:
     if manifest is not None and not incomplete:
         cached = {"version": manifest.get("version"), **manifest.get("params", {})}
         wanted = {"version": GENERATOR_VERSION, **params}
-        if cached == wanted:
+        differing = [key for key in wanted if cached.get(key) != wanted[key]]
+        if not differing:
             return False
         # Same parameters from an older generator: a stale cache of our own output, so
         # it is regenerated without asking (nothing in it was written by the user).
-        stale = {key for key in wanted if cached.get(key) != wanted[key]} == {"version"}
-        if not force and not stale:
+        if not force and differing != ["version"]:
             diff = ", ".join(
-                f"{key}: cached {cached.get(key)!r} != requested {wanted[key]!r}"
-                for key in wanted
-                if cached.get(key) != wanted[key]
+                f"{key}: cached {cached.get(key)!r} != requested {wanted[key]!r}" for key in differing
             )
             raise FileExistsError(
                 f"{root} holds a synthetic dataset made with other settings ({diff}); "
