@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bump whenever rendering changes, so stale caches are detected.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 IGNORE_INDEX = 255
 MANIFEST_NAME = "dataset.json"
 _INCOMPLETE_MARKER = ".incomplete"
@@ -102,13 +102,17 @@ _PALETTE = np.array(
     ],
     dtype=np.float32,
 )
-# Colour pairs with enough contrast for a texture to be visible.
+# Luma (ITU-R 601, what a greyscale conversion keeps) of each palette colour.
+_LUMA = _PALETTE @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Colour pairs whose texture stays visible in every view: a luma step of at least 40
+# survives the strong view's grayscale, desaturation and halved contrast. Version 3 only
+# asked for distance in RGB, so e.g. red on green textures vanished in grey views.
 _CONTRAST_PAIRS = np.array(
     [
         (a, b)
         for a in range(len(_PALETTE))
         for b in range(len(_PALETTE))
-        if a != b and np.linalg.norm(_PALETTE[a] - _PALETTE[b]) >= 100
+        if a != b and abs(_LUMA[a] - _LUMA[b]) >= 40
     ]
 )
 
