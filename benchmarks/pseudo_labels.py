@@ -8,7 +8,10 @@ For each class this prints, over the whole (un-augmented) unlabeled images:
 - ``precision``: the share of pixels selected *as* the class that truly are it;
 - ``recall (argmax)``: the share of the class's pixels whose argmax is the class;
 - ``active``: of the images that contain the class, how many have a best probability
-  for it above ``tau_low`` (CPLG selects nothing for the class in the others).
+  for it above ``tau_low`` (CPLG selects nothing for the class in the others);
+
+then the confusion matrix of the argmax (rows: true class; % of its pixels given each
+class), which shows where a class's missing pixels go.
 
 Usage: ``.venv/bin/python benchmarks/pseudo_labels.py CHECKPOINT [--root data/synthetic]
 [--images 320] [--network student] [--tau-low 0.92] [--ratio 0.96]``, for example on the
@@ -74,6 +77,10 @@ def main() -> None:
                pct(chosen.diag(), chosen.sum(0)), pct(every.diag(), every.sum(1)), active.tolist(), present.tolist())
     for cls, count, sel, prec, rec, act, pres in rows:
         print(f"| {cls} | {count} | {sel} | {prec} | {rec} | {act} of {pres} |")
+    print("\n| true \\ predicted (%) | " + " | ".join(models.class_names) + " |")
+    print("|---|" + "---|" * n)
+    for cls, row in zip(models.class_names, every):
+        print(f"| {cls} | " + " | ".join(pct(row, row.sum().expand(n))) + " |")
 
 
 if __name__ == "__main__":
