@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dssn.data.datasets import read_split
 from dssn.data.transforms import mask_to_tensor, to_tensor_normalized
 from dssn.engine.evaluate import IGNORE, confusion_matrix
 from dssn.engine.inference import load_for_inference
@@ -45,8 +46,7 @@ def main() -> None:
 
     models = load_for_inference(args.checkpoint, device="cpu")
     name, model = models.pick(args.network)
-    pairs = [line.split() for line in (args.root / args.split).read_text().splitlines() if line.strip()]
-    pairs = pairs[: args.images]
+    pairs = read_split(args.root / args.split)[: args.images]
     n = len(models.class_names)
     every = torch.zeros(n, n, dtype=torch.long)  # [true, argmax] over all labelled pixels
     chosen = torch.zeros(n, n, dtype=torch.long)  # the same over CPLG-selected pixels

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from dssn.data import transforms as T
-from dssn.engine.evaluate import confusion_matrix, mean_iou
+from dssn.data.datasets import read_split
+from dssn.engine.evaluate import evaluate
 from dssn.engine.inference import load_for_inference
 
 View = Callable[[Image.Image, random.Random], Image.Image]
@@ -47,8 +48,7 @@ def main() -> None:
 
     models = load_for_inference(args.checkpoint, device="cpu")
     name, model = models.pick(args.network)
-    model.eval()
-    pairs = [line.split() for line in (args.root / args.split).read_text().splitlines() if line.strip()]
+    pairs = read_split(args.root / args.split)
     images = [Image.open(args.root / image).convert("RGB") for image, _ in pairs]
     masks = torch.stack([T.mask_to_tensor(Image.open(args.root / mask)) for _, mask in pairs])
     n = len(models.class_names)
@@ -59,14 +59,10 @@ def main() -> None:
     for view, transform in VIEWS.items():
         rng = random.Random(args.seed)
         x = torch.stack([T.to_tensor_normalized(transform(img, rng)) for img in images])
-        confusion = torch.zeros(n, n, dtype=torch.long)
-        with torch.inference_mode():
-            for start in range(0, len(x), 32):
-                pred = model(x[start:start + 32]).argmax(1)
-                confusion += confusion_matrix(pred, masks[start:start + 32], n)
-        miou, per_class = mean_iou(confusion)
-        print(f"| {view} | {100 * miou:.1f} | " + " | ".join(f"{100 * v:.1f}" for v in per_class.tolist()) + " |")
-
+        batches = [(x[start:start + 32], masks[start:start + 32]) for start in range(0, len(x), 32)]
+        result = evaluate({name: model}, batches, n, torch.device("cpu"))[name]
+        print(f"| {view} | {100 * result.miou:.1f} | "
+              + " | ".join(f"{100 * v:.1f}" for v in result.per_class.tolist()) + " |")
 
 if __name__ == "__main__":
     main()
