@@ -32,19 +32,20 @@ WEIGHTS = {"disc": 0.44, "square": 0.31, "triangle": 0.21, "cross": 0.04}
 def use_distinct_classes(luma_step: float) -> None:
     """Make ``dssn.data.synthetic`` render only the four distinct classes, with texture
     colour pairs at least ``luma_step`` apart in brightness (for this process only)."""
+    tables = ("_OBJECT_CLASSES", "_CLASS_PROBS", "CLASS_NAMES", "NUM_CLASSES", "_CONTRAST_PAIRS")
+    missing = [name for name in tables if not hasattr(synthetic, name)]
+    if missing:  # assigning a renamed table would change nothing, silently
+        raise SystemExit(f"dssn.data.synthetic no longer has {missing}: update this benchmark")
     classes = tuple(
         synthetic._ObjectClass(c.name, c.shape, c.texture, WEIGHTS[c.name])
         for c in synthetic._OBJECT_CLASSES if c.name in WEIGHTS
     )
     probs = np.array([c.weight for c in classes])
-    luma = synthetic._LUMA
     synthetic._OBJECT_CLASSES = classes
     synthetic._CLASS_PROBS = probs / probs.sum()
     synthetic.CLASS_NAMES = ("background",) + tuple(c.name for c in classes)
     synthetic.NUM_CLASSES = len(synthetic.CLASS_NAMES)
-    synthetic._CONTRAST_PAIRS = np.array(
-        [(a, b) for a in range(len(luma)) for b in range(len(luma)) if a != b and abs(luma[a] - luma[b]) >= luma_step]
-    )
+    synthetic._CONTRAST_PAIRS = synthetic._contrast_pairs(luma_step)
 
 
 def main() -> None:

@@ -64,5 +64,6 @@ def main() -> None:
         print(f"| {view} | {100 * result.miou:.1f} | "
               + " | ".join(f"{100 * v:.1f}" for v in result.per_class.tolist()) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -104,17 +104,24 @@ _PALETTE = np.array(
 )
 # Luma (ITU-R 601, what a greyscale conversion keeps) of each palette colour.
 _LUMA = _PALETTE @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _contrast_pairs(min_luma_step: float) -> np.ndarray:
+    """Ordered pairs of palette indices whose luma differs by at least ``min_luma_step``."""
+    return np.array(
+        [
+            (a, b)
+            for a in range(len(_PALETTE))
+            for b in range(len(_PALETTE))
+            if a != b and abs(_LUMA[a] - _LUMA[b]) >= min_luma_step
+        ]
+    )
+
+
 # Colour pairs whose texture stays visible in every view: a luma step of at least 40
 # survives the strong view's grayscale, desaturation and halved contrast. Version 3 only
 # asked for distance in RGB, so e.g. red on green textures vanished in grey views.
-_CONTRAST_PAIRS = np.array(
-    [
-        (a, b)
-        for a in range(len(_PALETTE))
-        for b in range(len(_PALETTE))
-        if a != b and abs(_LUMA[a] - _LUMA[b]) >= 40
-    ]
-)
+_CONTRAST_PAIRS = _contrast_pairs(40)
 
 
 def voc_palette(n: int = 256) -> list[int]:
