@@ -41,8 +41,9 @@ MODES: tuple[str, ...] = ("train_l", "train_u", "val")
 RGB = tuple[int, int, int]
 
 IGNORE_INDEX = 255
-# Fill for the dummy mask of unlabeled crops: any value that is not 0 works, since the
-# dummy mask is all zeros; padded pixels become IGNORE_INDEX in ``ign``.
+# Fill for the mask cropped with unlabeled images (an all-zero dummy, or the true mask
+# when asked for): any value that is neither a class id nor 255 works; padded pixels
+# become IGNORE_INDEX in ``ign``.
 _PAD_MARKER = 254
 
 
@@ -337,7 +338,10 @@ class SegmentationDataset(Dataset):
       - ``"train_u"``: dict with the weak view ``w``, two independent strong views
         ``s1``/``s2`` (each [3,c,c]), ``ign`` (long [c,c], 255 where the crop padded the
         image, 0 elsewhere) and CutMix boxes ``b1``/``b2`` (bool [c,c]). Masks in the
-        split file, if any, are not read.
+        split file are not read, unless ``unlabeled_masks``: then ``mask`` (long [c,c],
+        255 where padded or ignored) is the true mask cropped with ``w``, for diagnostics
+        on data whose unlabeled images have masks (the built-in dataset); the views and
+        boxes are the same as without it.
 
     ``split_file``: a split file path, or a ``Split`` already listed (e.g. from a folder).
     ``length``: if larger than the split, the list is cycled up to it (the labeled set
@@ -356,6 +360,7 @@ class SegmentationDataset(Dataset):
         length: int | None = None,
         seed: int = 0,
         decoder: MaskDecoder | None = None,
+        unlabeled_masks: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -370,14 +375,16 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.decoder = decoder or MaskDecoder()
         self.entries = split.entries
+        self.unlabeled_masks = unlabeled_masks and mode == "train_u"
         if not self.entries:
             raise DataError(f"split {self.split_file} lists no images")
-        if mode != "train_u":
+        if mode != "train_u" or self.unlabeled_masks:
             for entry in self.entries:
                 if entry.mask is None:
                     raise SplitFileError(str(Problem(
                         self.split_file, entry.line_no,
-                        f"mode {mode!r} needs 'image_path mask_path', got only {entry.image!r}")))
+                        f"{'unlabeled_masks' if self.unlabeled_masks else f'mode {mode!r}'} needs "
+                        f"'image_path mask_path', got only {entry.image!r}")))
         self._length = max(len(self.entries), length or 0)
 
     def __len__(self) -> int:
@@ -399,13 +406,13 @@ class SegmentationDataset(Dataset):
     ) -> tuple[torch.Tensor, torch.Tensor, str] | tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         entry = self.entries[index % len(self.entries)]
         try:
-            img, mask = load_pair(self.root, entry.image, None if self.mode == "train_u" else entry.mask,
-                                  self.decoder)
+            read_mask = self.mode != "train_u" or self.unlabeled_masks
+            img, mask = load_pair(self.root, entry.image, entry.mask if read_mask else None, self.decoder)
         except DataError as err:  # say where the file is listed
             raise type(err)(str(Problem(self.split_file, entry.line_no, str(err)))) from None
 
-        if mask is None:
-            return self._unlabeled_views(img, self._rng(index))
+        if self.mode == "train_u":
+            return self._unlabeled_views(img, mask, self._rng(index))
         if self.mode == "val":
             return to_tensor_normalized(img), mask_to_tensor(mask), entry.image
 
@@ -415,10 +422,11 @@ class SegmentationDataset(Dataset):
         img, mask = hflip(img, mask, rng=rng)
         return to_tensor_normalized(img), mask_to_tensor(mask)
 
-    def _unlabeled_views(self, img: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+    def _unlabeled_views(self, img: Image.Image, mask: Image.Image | None,
+                         rng: random.Random) -> dict[str, torch.Tensor]:
         # The unlabeled mask is unknown: crop an all-zero dummy alongside the image so
-        # the padded area can be found afterwards.
-        dummy = Image.new("L", img.size, 0)
+        # the padded area can be found afterwards (or the true mask, if asked for).
+        dummy = Image.new("L", img.size, 0) if mask is None else mask
         img, dummy = resize_long_side(img, dummy, rng=rng)
         img, dummy = pad_crop(img, dummy, self.crop_size, _PAD_MARKER, rng=rng)
         img, dummy = hflip(img, dummy, rng=rng)
@@ -428,9 +436,10 @@ class SegmentationDataset(Dataset):
         s2 = strong_view(img, self.strong_ops, rng=rng)
         b2 = cutmix_box(self.crop_size, rng=rng)
 
-        padded = np.asarray(dummy) == _PAD_MARKER
+        cropped = np.asarray(dummy)
+        padded = cropped == _PAD_MARKER
         ign = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
-        return {
+        views = {
             "w": to_tensor_normalized(img),
             "s1": to_tensor_normalized(s1),
             "s2": to_tensor_normalized(s2),
@@ -438,3 +447,6 @@ class SegmentationDataset(Dataset):
             "b1": b1,
             "b2": b2,
         }
+        if mask is not None:
+            views["mask"] = torch.from_numpy(np.where(padded, IGNORE_INDEX, cropped).astype(np.int64))
+        return views
