@@ -64,17 +64,20 @@ class TrueLabelDSSN(DSSN):
     def __init__(self, student: nn.Module, *args, **kwargs) -> None:
         super().__init__(student, *args, **kwargs)
         self.student = TrueWeakPrediction(student)
-        self._masks: tuple[Tensor, Tensor] | None = None
+        self._mask_mix: Tensor | None = None  # the CutMix donors' masks; the images' are on the student
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
-        self._masks = (batch.mix.pop("mask"), batch.unlabeled.pop("mask"))
-        self.student.masks = self._masks[1]
+        self._mask_mix = batch.mix.pop("mask")
+        self.student.masks = batch.unlabeled.pop("mask")
         return super().training_step(batch, step)
 
     def teacher_logits(self, w_mix: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         c = self.student_net.classifier.out_channels
-        mask_mix, mask = self._masks
-        return one_hot_logits(mask_mix, c), one_hot_logits(mask, c)
+        return one_hot_logits(self._mask_mix, c), one_hot_logits(self.student.masks, c)
+
+
+def _weak_view(img, strong_ops: bool = True, *, rng):
+    return img
 
 
 def main() -> None:
@@ -92,9 +95,10 @@ def main() -> None:
                            args.seed, args.out / "baselines", args.overrides)
     # build_method looks DSSN up in dssn.method at call time: the DSSN runs below use this one.
     dssn.method.DSSN = TrueLabelDSSN
+    paper_strong_view = dssn.data.datasets.strong_view
     for views in args.views:
-        if views == "weak":  # from here on both strong views are the weak view (CutMix is applied later)
-            dssn.data.datasets.strong_view = lambda img, strong_ops=True, *, rng: img
+        # "weak": both strong views are the weak view itself (CutMix is applied later, in the step).
+        dssn.data.datasets.strong_view = paper_strong_view if views == "strong" else _weak_view
         rows += train_rows([(f"dssn, true labels, {views} views", "dssn", SPLITS["1/16"])],
                            args.seed, args.out / f"{views}-views", ["data.unlabeled_masks=true", *args.overrides])
     print_table("run", rows)

@@ -379,12 +379,12 @@ class SegmentationDataset(Dataset):
         if not self.entries:
             raise DataError(f"split {self.split_file} lists no images")
         if mode != "train_u" or self.unlabeled_masks:
+            asker = "unlabeled_masks" if self.unlabeled_masks else f"mode {mode!r}"
             for entry in self.entries:
                 if entry.mask is None:
                     raise SplitFileError(str(Problem(
                         self.split_file, entry.line_no,
-                        f"{'unlabeled_masks' if self.unlabeled_masks else f'mode {mode!r}'} needs "
-                        f"'image_path mask_path', got only {entry.image!r}")))
+                        f"{asker} needs 'image_path mask_path', got only {entry.image!r}")))
         self._length = max(len(self.entries), length or 0)
 
     def __len__(self) -> int:
@@ -426,17 +426,17 @@ class SegmentationDataset(Dataset):
                          rng: random.Random) -> dict[str, torch.Tensor]:
         # The unlabeled mask is unknown: crop an all-zero dummy alongside the image so
         # the padded area can be found afterwards (or the true mask, if asked for).
-        dummy = Image.new("L", img.size, 0) if mask is None else mask
-        img, dummy = resize_long_side(img, dummy, rng=rng)
-        img, dummy = pad_crop(img, dummy, self.crop_size, _PAD_MARKER, rng=rng)
-        img, dummy = hflip(img, dummy, rng=rng)
+        companion = Image.new("L", img.size, 0) if mask is None else mask
+        img, companion = resize_long_side(img, companion, rng=rng)
+        img, companion = pad_crop(img, companion, self.crop_size, _PAD_MARKER, rng=rng)
+        img, companion = hflip(img, companion, rng=rng)
 
         s1 = strong_view(img, self.strong_ops, rng=rng)
         b1 = cutmix_box(self.crop_size, rng=rng)
         s2 = strong_view(img, self.strong_ops, rng=rng)
         b2 = cutmix_box(self.crop_size, rng=rng)
 
-        cropped = np.asarray(dummy)
+        cropped = np.asarray(companion)
         padded = cropped == _PAD_MARKER
         ign = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
         views = {
