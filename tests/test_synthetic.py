@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dssn.data import synthetic
 from dssn.data.synthetic import (
     CLASS_NAMES,
     IGNORE_INDEX,
@@ -275,3 +276,28 @@ def test_cache_from_an_older_generator_is_regenerated(tmp_path: Path) -> None:
     # Other parameters still need force, as before.
     with pytest.raises(FileExistsError, match="seed"):
         make_synthetic(root, **{**params, "seed": 4})
+
+
+def test_stale_cache_made_with_an_old_default_gets_the_new_default(tmp_path: Path, monkeypatch) -> None:
+    # Stand-ins for version 5's change (num_train 1024 -> 512), small enough to generate here.
+    monkeypatch.setattr(synthetic, "_CHANGED_DEFAULTS", {synthetic.GENERATOR_VERSION: {"num_train": 6}})
+    monkeypatch.setitem(make_synthetic.__kwdefaults__, "num_train", 4)
+    root = make_synthetic(tmp_path / "data", seed=3, num_train=6, num_val=1, size=32)
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["version"] -= 1
+    (root / "dataset.json").write_text(json.dumps(manifest))
+
+    refresh_synthetic(root)  # what training calls: the old default is dropped, the rest kept
+    params = json.loads((root / "dataset.json").read_text())["params"]
+    assert (params["num_train"], params["seed"], params["size"]) == (4, 3, 32)
+    assert len(list((root / "JPEGImages").iterdir())) == 5
+
+    # What the demo calls (today's defaults) on a stale cache with other settings: regenerated
+    # without force, as the stale cache is ours; a current one still needs force.
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["version"] -= 1
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    make_synthetic(root, seed=0, num_val=1, size=32)
+    assert json.loads((root / "dataset.json").read_text())["params"]["seed"] == 0
+    with pytest.raises(FileExistsError, match="seed"):
+        make_synthetic(root, seed=1, num_val=1, size=32)
