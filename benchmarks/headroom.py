@@ -2,10 +2,10 @@
 
 Trains ``supervised`` on the 1/16 labeled split and on all labels, with everything
 else as ``dssn demo`` runs it (same iterations, labeled batch and learning rate),
-and prints both mIoUs. Semi-supervised learning can at best
-close the gap between the two, so the gap is the room the demo leaves DSSN: the
-issue asks for "a clear gap", and a dataset the network cannot learn in the budget
-even from all labels shows none.
+and prints both mIoUs. Semi-supervised learning can at best close the gap between
+the two, so the gap is the room the demo leaves DSSN: the issue asks for "a clear
+gap", and a dataset the network cannot learn in the budget even from all labels
+shows none.
 
 Usage: ``.venv/bin/python benchmarks/headroom.py [--seed 0] [--out runs/headroom] [key=value ...]``
 (about 5 minutes on two CPU cores; overrides apply to both runs).

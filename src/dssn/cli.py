@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="supervised vs DSSN on the built-in dataset, in minutes on a CPU",
                        description="Builds the synthetic dataset if absent (or made by an older generator), "
                                    "trains 'supervised' and 'dssn' on the same 1/16 labeled split with the same "
-                                   "iteration budget, evaluates "
-                                   "both and prints a table (also written to OUT/results.md and .json).")
+                                   "iteration budget and learning rate, evaluates both and prints a table "
+                                   "(also written to OUT/results.md and .json).")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and table (default runs/demo)")
     p.add_argument("--data", default="data/synthetic",
                    help="where the built-in dataset is cached (default data/synthetic)")

@@ -502,10 +502,10 @@ def make_synthetic(
     Writes ``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` (VOC palette),
     ``splits/<fraction>/{labeled,unlabeled}.txt``, ``splits/full/labeled.txt``,
     ``splits/val.txt`` and, last, ``dataset.json``. A finished dataset with the
-    same parameters is reused as is (and regenerated if an older
-    ``GENERATOR_VERSION`` made it); one with other parameters raises
-    ``FileExistsError`` unless ``force``; a non-empty folder that is not ours
-    always raises. A ``.incomplete`` marker exists while writing, so an
+    same parameters is reused as is; one an older ``GENERATOR_VERSION`` made is
+    regenerated with the parameters asked for now; a current one with other
+    parameters raises ``FileExistsError`` unless ``force``; a non-empty folder
+    that is not ours always raises. A ``.incomplete`` marker exists while writing, so an
     interrupted run is detected and simply regenerated.
     """
     if num_train < 1 or num_val < 0 or size < 16:
