@@ -84,7 +84,11 @@ class MethodConfig(_Section):
     weight_x: float = 0.5
     weight_u: float = 0.125
     ema_momentum: float = 0.996
-    teacher_bn: Literal["batch", "running"] = "batch"
+    teacher_bn: Literal["released", "batch", "running"] = "released"
+    """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
+    during the first epoch and by the running statistics from the second epoch on (what the
+    authors' script does: its teacher starts in training mode and its end-of-epoch evaluation
+    leaves it in eval mode); ``batch`` and ``running`` use one of the two for the whole run."""
     warmup_steps: int = 1
     warmup_epochs: float = 0.0
     """L_s is left out until both warm-ups have passed."""
