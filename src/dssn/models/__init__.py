@@ -3,6 +3,7 @@
 from torch import nn
 
 from dssn.models.deeplabv3plus import DeepLabV3Plus
+from dssn.models.dpt import DPT
 from dssn.models.resnet import ResNet, build_backbone
 from dssn.models.weights import (
     LoadReport,
@@ -15,6 +16,7 @@ from dssn.models.weights import (
 __all__ = [
     "build_model",
     "DeepLabV3Plus",
+    "DPT",
     "LoadReport",
     "ResNet",
     "WeightsError",
