@@ -1,4 +1,8 @@
-"""Command line: one verb per user task. Parses, validates, hands a Config to the engine."""
+"""Command line: one verb per user task. Parses, validates, hands a Config to ``dssn.apps``.
+
+Each verb imports its task when it runs, so that ``dssn --help`` and argument errors answer
+without loading torch (about two seconds).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dssn.engine.trainer import train
+    from dssn.apps.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
@@ -28,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dssn.engine.evaluate import evaluate_checkpoint, iou_table, write_scores
+    from dssn.apps.evaluate import evaluate_checkpoint, iou_table, write_scores
 
     results = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
     print(iou_table(results))
@@ -44,14 +48,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dssn.demo import run_demo
+    from dssn.apps.demo import run_demo
 
     run_demo(out_dir=Path(args.out), seeds=args.seeds, iters=args.iters, data_root=Path(args.data),
              methods=args.methods, overrides=args.overrides)
     return 0
 
 
-# ---- data commands: prepare, splits, check-data (issue 3) --------------------------------------
+# ---- data commands: prepare, splits, check-data --------------------------------------
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -181,11 +185,11 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check_data)
 
 
-# ---- using a trained network: predict, export (issue 4) ----------------------------------------
+# ---- using a trained network: predict, export ----------------------------------------
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from dssn.engine.predict import predict_files
+    from dssn.apps.predict import predict_files
 
     summary = predict_files(args.checkpoint, args.inputs, args.out, config=args.config, overrides=args.set,
                             model=args.model, batch_size=args.batch_size, overwrite=args.overwrite,
@@ -197,7 +201,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dssn.engine.export import export_checkpoint
+    from dssn.apps.export import export_checkpoint
 
     size = tuple(args.size) if args.size else None
     result = export_checkpoint(args.checkpoint, args.format, args.out, config=args.config, overrides=args.set,
@@ -264,6 +268,93 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+# ---- run folders: report, compare, sweep ----------------------------------------------------
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dssn.viz.report import write_report
+
+    for run in args.runs:
+        out = args.out if len(args.runs) == 1 else None
+        print(f"written: {write_report(run, out)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dssn.viz.compare import compare_runs
+
+    against = [k for item in args.against for k in item.split(",") if k] if args.against else None
+    out = Path(args.out) if args.out else _default_compare_out(args.runs)
+    compare_runs(args.runs, out, labels=args.labels, model=args.model, against=against)
+    return 0
+
+
+def _default_compare_out(runs: list[str]) -> Path:
+    """One folder argument (a sweep or demo folder): write there; several runs: the current folder."""
+    if len(runs) == 1 and Path(runs[0]).is_dir() and not (Path(runs[0]) / "config.yaml").is_file():
+        return Path(runs[0])
+    return Path(".")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dssn.apps.sweep import run_sweep
+
+    results = run_sweep(args.config, args.overrides, out=args.out, dry_run=args.dry_run, compare=not args.no_compare)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _add_run_folder_parsers(sub: argparse._SubParsersAction, overrides_help: str) -> None:
+    p = sub.add_parser("report", help="write a run's HTML report (plots, per-class tables, warnings, timing)",
+                       description="Write a self-contained HTML page about a run folder (plots embedded as PNG): "
+                                   "config, loss and learning-rate curves, mIoU curves, per-class IoU of student "
+                                   "and teacher, selected-pixel fraction per class over time, CPLG's thresholds, "
+                                   "CPLG against a fixed 0.95 threshold per class, the health checks and their "
+                                   "warnings, example predictions and pseudo labels, and timing. Training writes "
+                                   "it at the end (train.report=true); this rebuilds it, also mid-run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) (holding config.yaml and metrics.jsonl)")
+    p.add_argument("--out", help="output HTML file (default RUN/report.html; only with a single RUN)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare runs: mIoU and per-class IoU table and plot, class winners",
+                       description="Compare finished (or running) runs: a table of mIoU and per-class IoU with "
+                                   "each class's winner marked (printed, and written as compare.md and "
+                                   "compare.csv), and compare.png (mIoU per run; per-class IoU grouped by class, "
+                                   "a star over each winner). A sweep folder (from `dssn sweep`) expands into "
+                                   "its runs and adds sweep.png, mIoU against the swept values; any other "
+                                   "folder of run folders (e.g. a demo's) expands into the runs it holds.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, sweep folders or folders of runs")
+    p.add_argument("--out", help="folder for compare.md/.csv/.png (default: the folder given, when a single "
+                                 "sweep or demo folder is given; else the current folder)")
+    p.add_argument("--labels", nargs="+", help="a name per run for the table and plots (default: folder names, or "
+                                               "the swept values)")
+    p.add_argument("--model", choices=["student", "teacher", "best"], default="student",
+                   help="which network's scores to compare: student (default, every method has one), teacher "
+                        "(falls back to the student), or best (the better of the two, per run)")
+    p.add_argument("--against", nargs="+", metavar="KEY",
+                   help="config keys to plot mIoU against (sweep.png), e.g. method.tau_low "
+                        "(default: a sweep folder's axes)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="train a grid of config overrides one after another (resumable)",
+                       description="Train one run per combination of the given values, one after another, each "
+                                   "a normal run folder OUT/<key>-<value>_... (e.g. tau_low-0.9_ratio-0.96), and "
+                                   "then compare them (compare.md/.csv/.png and sweep.png, mIoU against the "
+                                   "swept values). key=v1,v2,... is an axis of the grid; key=value without a "
+                                   "comma (or a YAML list like model.dilations=[6,12,18]) applies to every run. "
+                                   "Every grid point's config is checked before anything trains. Resumable: run "
+                                   "the same command again and finished runs are skipped, an interrupted one "
+                                   "resumes from its last checkpoint; a failed run does not stop the others.")
+    p.add_argument("config", help="preset name or path to a YAML config (as for train)")
+    p.add_argument("overrides", nargs="+", metavar="key=v1,v2,...",
+                   help="axes of the grid and fixed overrides, e.g. method.tau_low=0.85,0.9,0.95 "
+                        "method.ratio=0.9,0.96 train.iters=300. " + overrides_help)
+    p.add_argument("--out", help="sweep folder (default runs/sweep-<name>-<method>); give the same folder to "
+                                 "resume or extend a sweep")
+    p.add_argument("--dry-run", action="store_true", help="list the grid and which runs are finished; train nothing")
+    p.add_argument("--no-compare", action="store_true", help="do not run the comparison at the end")
+    p.set_defaults(func=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dssn", description="Semi-supervised semantic segmentation with DSSN (ACM MM 2023).")
@@ -287,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split",
                        description="Evaluate every network in a checkpoint (student and teacher) and print "
-                                   "mIoU and per-class IoU (SPEC 6). A dssn checkpoint carries its config; "
+                                   "mIoU and per-class IoU (docs/method.md §7). A dssn checkpoint carries its config; "
                                    "override data.root, data.val_split or eval.* to evaluate elsewhere: "
                                    "eval.mode=whole|center_crop|sliding, eval.crop_size=N, "
                                    "eval.scales=[0.75,1.0,1.25] and eval.flip=true (multi-scale / flip "
@@ -317,9 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     _add_data_parsers(sub)
     _add_inference_parsers(sub)
-    from dssn.viz.commands import add_parsers as _add_viz_parsers  # report, compare, sweep (issue 6)
-
-    _add_viz_parsers(sub, OVERRIDES_HELP)
+    _add_run_folder_parsers(sub, OVERRIDES_HELP)
     return parser
 
 
