@@ -68,12 +68,12 @@ class DataConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["dssn", "fixmatch", "supervised"] = "dssn"
+    name: Literal["dssn", "fixmatch", "unimatch_v2", "supervised"] = "dssn"
     selection: Literal["cplg", "threshold"] = "cplg"
     tau_low: float = 0.92
     ratio: float = 0.96
     threshold: float = 0.95
-    """Confidence threshold for ``selection: threshold`` and for ``fixmatch``."""
+    """Confidence threshold for ``selection: threshold`` and for ``fixmatch`` and ``unimatch_v2``."""
     loss_image: bool = True
     """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
     loss_feature: bool = True
@@ -84,6 +84,10 @@ class MethodConfig(_Section):
     weight_x: float = 0.5
     weight_u: float = 0.125
     ema_momentum: float = 0.996
+    ema_rule: Literal["copy_first", "ramp"] = "copy_first"
+    """The EMA teacher's momentum at step s (docs/method.md §8): ``copy_first``: 0 at step 0 (the
+    teacher becomes a copy), then ``ema_momentum``; ``ramp``: ``min(1 - 1/(s+1), ema_momentum)``,
+    as UniMatch V2 releases it."""
     teacher_bn: Literal["released", "batch", "running"] = "released"
     """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
     during the first epoch and by the running statistics from the second epoch on (what the
