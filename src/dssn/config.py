@@ -45,7 +45,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "folder", "synthetic"] = "pascal"
+    dataset: Literal["pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic"] = "pascal"
     root: str = "data/VOC2012"
     num_classes: int = 21
     class_names: list[str] | None = None
@@ -62,6 +62,10 @@ class DataConfig(_Section):
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
     num_workers: int = 4
+    ade20k_masks: Literal["raw", "mapped"] = "raw"
+    """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
+    ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
+    ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
     unlabeled_masks: bool = False
     """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
     for diagnostics on data that has them; no method trains on them."""
