@@ -239,8 +239,10 @@ def test_hooks_pseudo_labels_eval_models_and_weights():
     assert diag["teacher_distance"].dim() == 0
 
 
-def test_engine_loads_no_partner_stream(data_root, tmp_path, monkeypatch):
-    """One training step through the engine: a single unlabeled stream, ``Batch.mix`` is None."""
+@pytest.mark.parametrize("model", ["test-local", "deeplabv3plus"])
+def test_engine_loads_no_partner_stream(data_root, tmp_path, monkeypatch, model):
+    """Two training steps through the engine: a single unlabeled stream, ``Batch.mix`` is None;
+    with this file's network and with the preset's DeepLabV3+ (its own comp_drop)."""
     seen = []
     step = UniMatchV2.training_step
 
@@ -249,11 +251,13 @@ def test_engine_loads_no_partner_stream(data_root, tmp_path, monkeypatch):
         return step(self, batch, step_index)
 
     monkeypatch.setattr(UniMatchV2, "training_step", spy)
-    monkeypatch.setattr(trainer_module, "build_model", lambda cfg: CompDropNet(cfg.data.num_classes))
+    if model == "test-local":
+        monkeypatch.setattr(trainer_module, "build_model", lambda cfg: CompDropNet(cfg.data.num_classes))
     cfg = load_config("synthetic", [
         f"data.root={data_root}", f"run_dir={tmp_path / 'run'}", "method.name=unimatch_v2", "method.ema_rule=ramp",
-        "data.crop_size=32", "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=2",
-        "train.iters=2", "train.progress=false", "train.threads=1", "train.report=false"])
+        "model.decoder_channels=16", "data.crop_size=32", "data.num_workers=0", "train.batch_size=2",
+        "train.batch_size_unlabeled=2", "train.iters=2", "train.progress=false", "train.threads=1",
+        "train.report=false"])
     result = train(cfg)
     assert result.iters == 2 and seen == [None, None]
     assert set(result.final) == {"student", "teacher"}

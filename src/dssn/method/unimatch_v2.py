@@ -2,7 +2,8 @@
 
 An EMA teacher in eval mode labels the weak view; the two strong views are CutMix-ed with
 the image at the mirrored batch position and decoded in one student pass with complementary
-channel dropout (the model's ``forward(x, comp_drop=True)``).
+channel dropout (the model's ``forward(x, comp_drop=True)``). The release's teacher update
+is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads whichever rule is configured.
 """
 
 from __future__ import annotations
@@ -60,16 +61,16 @@ class UniMatchV2(Method):
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         image_x, mask_x = batch.labeled
-        u = batch.unlabeled
-        box1, box2, ignore = u["b1"], u["b2"], u["ign"]
+        unlabeled = batch.unlabeled
+        box1, box2, ignore = unlabeled["b1"], unlabeled["b2"], unlabeled["ign"]
 
         # Teacher on the weak view: pseudo labels and their confidence.
-        teacher_weak = self.teacher_logits(u["w"])
+        teacher_weak = self.teacher_logits(unlabeled["w"])
         confidence, pseudo = teacher_weak.softmax(dim=1).max(dim=1)
 
         # Each strong view pasted with its own box from the mirrored image.
-        strong1 = from_partner(u["s1"], box1)
-        strong2 = from_partner(u["s2"], box2)
+        strong1 = from_partner(unlabeled["s1"], box1)
+        strong2 = from_partner(unlabeled["s2"], box2)
 
         # Student: the labeled batch alone, then both strong views in one complementary-dropout pass.
         logits_x = self.student(image_x)
