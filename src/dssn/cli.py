@@ -59,17 +59,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from dssn.data.prepare import prepare_cityscapes, prepare_coco
+    from dssn.data.prepare import prepare_ade20k, prepare_cityscapes, prepare_coco
 
     root = Path(args.root).expanduser()
     if not root.is_dir():
         raise DssnError(f"dataset root '{root}' does not exist")
     if args.dataset == "cityscapes":
         print(f"cityscapes: {prepare_cityscapes(root, args.overwrite, progress=not args.quiet)}")
-    else:
-        reports = prepare_coco(root, tuple(args.splits), args.out, args.overwrite, progress=not args.quiet)
+    elif args.dataset == "coco":
+        out = args.out or "masks"
+        reports = prepare_coco(root, tuple(args.splits), out, args.overwrite, progress=not args.quiet)
         for split, report in reports.items():
-            print(f"coco {split}: {report} in {root / args.out}")
+            print(f"coco {split}: {report} in {root / out}")
+    else:
+        out = args.out or "annotations_mapped"
+        for split, report in prepare_ade20k(root, out, args.overwrite, progress=not args.quiet).items():
+            print(f"ade20k {split}: {report} in {root / out / split}")
     return 0
 
 
@@ -128,20 +133,26 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="make class-index masks from raw Cityscapes or COCO annotations",
+    p = sub.add_parser("prepare", help="make class-index masks from raw Cityscapes, COCO or ADE20K annotations",
                        description="cityscapes: write *_gtFine_labelTrainIds.png (19 train ids, 255 ignore) next to "
                                    "every gtFine/**/*_gtFine_labelIds.png, with the official label table. "
                                    "coco: write ROOT/masks/<image>.png (81 classes: 0 background, COCO "
                                    "categories in increasing id order -> 1..80) from "
                                    "ROOT/annotations/instances_<split>.json; needs pycocotools "
-                                   "(pip install 'dssn[coco]'). Resumable: existing outputs are skipped, never "
+                                   "(pip install 'dssn[coco]'). ade20k: write ROOT/annotations_mapped/<split>/"
+                                   "<name>.png (class ids 0..149, 255 = 'other') from the official "
+                                   "ROOT/annotations/<split>/<name>.png (0 = other, 1..150); optional, since "
+                                   "training maps the official masks as it loads them (data.ade20k_masks=mapped "
+                                   "reads mapped ones). Resumable: existing outputs are skipped, never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["cityscapes", "coco"], help="which dataset's annotations to convert")
-    p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/)")
+    p.add_argument("dataset", choices=["cityscapes", "coco", "ade20k"], help="which dataset's annotations to convert")
+    p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/; ADE20K: "
+                                "ADEChallengeData2016, holds images/ and annotations/)")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist (default: skip them)")
     p.add_argument("--splits", nargs="+", default=["train2017", "val2017"],
                    help="coco only: the annotation splits to convert (default train2017 val2017)")
-    p.add_argument("--out", default="masks", help="coco only: output folder under ROOT (default masks)")
+    p.add_argument("--out", help="coco and ade20k: output folder under ROOT (default masks for coco, "
+                                 "annotations_mapped for ade20k)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
@@ -150,11 +161,12 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "('image mask' per line, relative to ROOT). Reproducible for a given --seed. "
                                    "The validation set is the layout's official one (PASCAL "
                                    "ImageSets/Segmentation/val.txt, Cityscapes leftImg8bit/val, COCO val2017, "
-                                   "the val_images folder of a folder dataset) unless --val draws it from the "
+                                   "ADE20K images/validation, the val_images folder of a folder dataset) unless --val draws it from the "
                                    "images with masks; validation images never enter the training splits. "
                                    "Images without a mask are always unlabeled. Existing split files are never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "folder"], help="the dataset's layout")
+    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "ade20k", "folder"],
+                   help="the dataset's layout")
     p.add_argument("root", help="the dataset root")
     p.add_argument("--labeled", required=True, metavar="AMOUNT",
                    help="labeled images: a count (732), a fraction of the images with masks (1/16, 0.125, "

@@ -45,7 +45,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "folder", "synthetic"] = "pascal"
+    dataset: Literal["pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic"] = "pascal"
     root: str = "data/VOC2012"
     num_classes: int = 21
     class_names: list[str] | None = None
@@ -62,18 +62,22 @@ class DataConfig(_Section):
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
     num_workers: int = 4
+    ade20k_masks: Literal["raw", "mapped"] = "raw"
+    """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
+    ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
+    ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
     unlabeled_masks: bool = False
     """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
     for diagnostics on data that has them; no method trains on them."""
 
 
 class MethodConfig(_Section):
-    name: Literal["dssn", "fixmatch", "supervised"] = "dssn"
+    name: Literal["dssn", "fixmatch", "unimatch_v2", "supervised"] = "dssn"
     selection: Literal["cplg", "threshold"] = "cplg"
     tau_low: float = 0.92
     ratio: float = 0.96
     threshold: float = 0.95
-    """Confidence threshold for ``selection: threshold`` and for ``fixmatch``."""
+    """Confidence threshold for ``selection: threshold`` and for ``fixmatch`` and ``unimatch_v2``."""
     loss_image: bool = True
     """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
     loss_feature: bool = True
@@ -84,6 +88,10 @@ class MethodConfig(_Section):
     weight_x: float = 0.5
     weight_u: float = 0.125
     ema_momentum: float = 0.996
+    ema_rule: Literal["copy_first", "ramp"] = "copy_first"
+    """The EMA teacher's momentum at step s (docs/method.md §8): ``copy_first``: 0 at step 0 (the
+    teacher becomes a copy), then ``ema_momentum``; ``ramp``: ``min(1 - 1/(s+1), ema_momentum)``,
+    as UniMatch V2 releases it."""
     teacher_bn: Literal["released", "batch", "running"] = "released"
     """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
     during the first epoch and by the running statistics from the second epoch on (what the

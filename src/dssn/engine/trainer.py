@@ -190,12 +190,15 @@ class Trainer:
         t, workers = cfg.train, cfg.data.num_workers
         # Each rank reads its shard of every epoch; an optimizer step takes `accumulate` batches.
         self.loaders = [make_train_loader(labeled, t.batch_size, t.seed, workers, self.device, dist)]
-        if METHODS[cfg.method.name].uses_unlabeled:
+        method_class = METHODS[cfg.method.name]
+        if method_class.uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
-            # U and U' (the CutMix donors): two independent streams over the unlabeled set.
+            # U and U' (the CutMix donors): two independent streams over the unlabeled set; U alone for
+            # methods that pair the images of U among themselves.
+            streams = (1, 2) if method_class.uses_partner_batch else (1,)
             self.loaders += [make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + s, workers, self.device,
-                                               dist) for s in (1, 2)]
+                                               dist) for s in streams]
         # An epoch is one pass over the unlabeled set (the labeled set is repeated to its length).
         self.iters_per_epoch = min(len(loader) for loader in self.loaders) // t.accumulate
         if self.iters_per_epoch == 0:
