@@ -96,15 +96,16 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (SPEC 3.8)."""
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """``train.optimizer`` (SGD or AdamW) with the backbone at ``lr`` and everything else at
+    ``lr * lr_multi`` (docs/method.md §8). A frozen backbone leaves its group empty."""
     backbone, rest = model.param_groups()
     t = cfg.train
-    return torch.optim.SGD(
-        [{"params": backbone, "lr": t.lr, "base_lr": t.lr},
-         {"params": rest, "lr": t.lr * t.lr_multi, "base_lr": t.lr * t.lr_multi}],
-        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-    )
+    groups = [{"params": backbone, "lr": t.lr, "base_lr": t.lr},
+              {"params": rest, "lr": t.lr * t.lr_multi, "base_lr": t.lr * t.lr_multi}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 @dataclass

@@ -45,7 +45,8 @@ class UniMatchV2(Method):
     uses_partner_batch = False
     """CutMix partners come from the same batch, so the engine loads no second unlabeled stream."""
 
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+                 iters_per_epoch: int = 1) -> None:
         super().__init__(student)
         self.cfg = cfg
         self.train_cfg = train_cfg

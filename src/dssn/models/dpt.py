@@ -36,6 +36,7 @@ DPT_WIDTHS: dict[str, DPTWidths] = {
     "b": DPTWidths(128, (96, 192, 384, 768)),
     "l": DPTWidths(256, (256, 512, 1024, 1024)),
     "g": DPTWidths(384, (1536, 1536, 1536, 1536)),
+    "tiny": DPTWidths(16, (8, 16, 32, 64)),
 }
 DPT_BACKBONES = {f"dinov2_{size}": size for size in DPT_WIDTHS}
 

@@ -54,6 +54,9 @@ DINOV2_SIZES: dict[str, ViTSize] = {
     "b": ViTSize(768, 12, 12, "mlp", (2, 5, 8, 11)),
     "l": ViTSize(1024, 24, 16, "mlp", (4, 11, 17, 23)),
     "g": ViTSize(1536, 40, 24, "swiglu", (9, 19, 29, 39)),
+    # Not a released model: the shape of the official code's tiny test model, for tests and
+    # CPU smoke runs (no pretrained file exists for it).
+    "tiny": ViTSize(48, 4, 3, "mlp", (0, 1, 2, 3)),
 }
 
 
