@@ -62,9 +62,6 @@ class DataConfig(_Section):
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
     num_workers: int = 4
-    unlabeled_masks: bool = False
-    """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
-    for diagnostics on data that has them; no method trains on them."""
 
 
 class MethodConfig(_Section):

@@ -179,8 +179,7 @@ def build_train_datasets(cfg: Config) -> tuple[SegmentationDataset, Segmentation
     length = None
     if sources["unlabeled"] is not None:
         unlabeled = SegmentationDataset(root, _load(sources["unlabeled"], "data.unlabeled_split"), "train_u",
-                                        d.crop_size, strong_ops=d.strong_ops, seed=t.seed, decoder=decoder,
-                                        unlabeled_masks=d.unlabeled_masks)
+                                        d.crop_size, strong_ops=d.strong_ops, seed=t.seed, decoder=decoder)
         length = (len(unlabeled) // t.batch_size_unlabeled) * t.batch_size
     labeled = SegmentationDataset(root, _load(sources["labeled"], "data.labeled_split"), "train_l",
                                   d.crop_size, strong_ops=d.strong_ops, length=length, seed=t.seed, decoder=decoder)
