@@ -110,22 +110,17 @@ _PALETTE = np.array(
 _LUMA = _PALETTE @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _contrast_pairs(min_luma_step: float) -> np.ndarray:
-    """Ordered pairs of palette indices whose luma differs by at least ``min_luma_step``."""
-    return np.array(
-        [
-            (a, b)
-            for a in range(len(_PALETTE))
-            for b in range(len(_PALETTE))
-            if a != b and abs(_LUMA[a] - _LUMA[b]) >= min_luma_step
-        ]
-    )
-
-
-# Colour pairs whose texture stays visible in every view: a luma step of at least 40
-# survives the strong view's grayscale, desaturation and halved contrast. Version 3 only
-# asked for distance in RGB, so e.g. red on green textures vanished in grey views.
-_CONTRAST_PAIRS = _contrast_pairs(40)
+# Ordered pairs of palette indices to texture an object with. A luma step of at least 40
+# survives the strong view's grayscale, desaturation and halved contrast, so the texture
+# stays visible in every view (a pair far apart in RGB alone, like red on green, would not).
+_CONTRAST_PAIRS = np.array(
+    [
+        (a, b)
+        for a in range(len(_PALETTE))
+        for b in range(len(_PALETTE))
+        if a != b and abs(_LUMA[a] - _LUMA[b]) >= 40
+    ]
+)
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -189,10 +184,8 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 # views rescale by up to 4x); phases and small jitters are random so no single
 # template fits. Orientations are fixed in the image frame, as the views never
 # rotate, and chosen so that no horizontal flip turns one class's pattern into
-# another's.
-# Version 2 rotated grid-like textures with the object; a network trained from
-# scratch on all labels could not tell them apart in the demo's budget, which
-# left semi-supervised learning no room (see benchmarks/headroom.py).
+# another's (textures that turn with the object are much harder to tell apart
+# for a network trained from scratch).
 
 
 def _square_wave(phase: np.ndarray) -> np.ndarray:
