@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from dssn.config import load_config
-from dssn.data.synthetic import make_synthetic
+from dssn.data.synthetic import resolve_synthetic
 from dssn.engine.trainer import TrainingError, train
+from dssn.viz.compare import compare_runs
 
 
 def _table(rows: list[dict], class_names: list[str]) -> str:
@@ -39,7 +40,8 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     out_dir = out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainingError(f"demo folder '{out_dir}' exists and is not empty; pass --out NEW_FOLDER")
-    print(f"dataset: {make_synthetic(data_root, progress=True)}")
+    data_root = resolve_synthetic(data_root, progress=True)
+    print(f"dataset: {data_root}")
     rows = []
     for seed in seeds:
         for method in methods:
@@ -61,8 +63,6 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
-    from dssn.viz.compare import compare_runs  # per-class winners: compare.md/.csv/.png (issue 6)
-
     print()
-    compare_runs([r["run_dir"] for r in rows], out_dir)
+    compare_runs([r["run_dir"] for r in rows], out_dir)  # per-class winners: compare.md/.csv/.png
     return rows

@@ -7,7 +7,7 @@ from pathlib import Path
 from dssn.config import Config
 from dssn.data.datasets import DataError, MaskDecoder, SegmentationDataset, Split, load_split, read_split
 from dssn.data.layouts import FolderMeta, Pool, load_folder_meta, pairs_to_split, scan_pool
-from dssn.data.synthetic import voc_palette
+from dssn.data.synthetic import CLASS_NAMES, resolve_synthetic, voc_palette
 
 __all__ = ["SegmentationDataset", "read_split", "build_train_datasets", "build_val_dataset",
            "class_names_for", "palette_for", "decoder_for", "data_root", "folder_meta", "split_sources", "DataError",
@@ -69,8 +69,6 @@ def class_names_for(cfg: Config) -> list[str]:
     elif d.dataset == "coco":
         names, where = list(COCO_CLASSES), "the coco class list"
     elif d.dataset == "synthetic":
-        from dssn.data.synthetic import CLASS_NAMES
-
         names, where = list(CLASS_NAMES), "the synthetic class list"
     else:
         names, where = [f"class_{i}" for i in range(d.num_classes)], ""
@@ -102,12 +100,11 @@ def decoder_for(cfg: Config) -> MaskDecoder:
 
 
 def data_root(cfg: Config) -> Path:
-    """``data.root``, checked to exist (the built-in dataset is generated there first)."""
+    """``data.root``, checked to exist. For the built-in dataset, the dataset folder it
+    names: itself if it holds one, else the default one cached under it (generated if absent)."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.dataset == "synthetic":
-        from dssn.data.synthetic import refresh_synthetic
-
-        refresh_synthetic(root)  # generated if absent or made by an older generator
+        root = resolve_synthetic(root)
     if not root.is_dir():
         raise DataError(f"data root '{root.resolve()}' does not exist (data.root). Download the dataset there "
                         f"or point data.root=PATH at it; see the README section for '{cfg.data.dataset}'.")
