@@ -142,31 +142,6 @@ def test_train_u_views_and_ign_marks_padding(voc: Path):
         assert sample[key].shape == (crop, crop) and sample[key].dtype == torch.bool
 
 
-def test_train_u_true_masks_are_cropped_with_the_weak_view(voc: Path):
-    crop = 100  # padding always happens
-    plain = SegmentationDataset(voc, voc / "labeled.txt", "train_u", crop_size=crop)
-    with_masks = SegmentationDataset(voc, voc / "labeled.txt", "train_u", crop_size=crop, unlabeled_masks=True)
-    labeled = SegmentationDataset(voc, voc / "labeled.txt", "train_l", crop_size=crop)
-    for index in range(3):
-        torch.manual_seed(index)
-        views = plain[index]
-        torch.manual_seed(index)
-        views_and_mask = with_masks[index]
-        torch.manual_seed(index)  # train_l crops with the same draws: a second implementation
-        image, mask = labeled[index]
-        assert set(views_and_mask) == set(views) | {"mask"}
-        for key, value in views.items():  # asking for masks changes no view or box
-            assert torch.equal(views_and_mask[key], value), key
-        assert torch.equal(views_and_mask["w"], image)
-        assert torch.equal(views_and_mask["mask"], mask)
-        assert (mask[views["ign"] == 255] == 255).all() and (mask != 255).any()
-
-
-def test_train_u_true_masks_need_mask_paths(voc: Path):
-    with pytest.raises(SplitFileError, match="unlabeled.txt.*line 1.*unlabeled_masks needs"):
-        SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=8, unlabeled_masks=True)
-
-
 def test_train_u_without_padding_has_no_ignore(voc: Path):
     ds = SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=8, strong_ops=False)
     for i in range(3):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -10,20 +12,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dssn.data import synthetic
+from dssn.config import load_config
+from dssn.data import data_root, synthetic
 from dssn.data.synthetic import (
     CLASS_NAMES,
+    GENERATOR_VERSION,
     IGNORE_INDEX,
     NUM_CLASSES,
     class_frequencies,
     make_synthetic,
-    refresh_synthetic,
     render_sample,
+    resolve_synthetic,
     split_name,
     voc_palette,
 )
 
-SMALL = dict(num_train=64, num_val=16, size=64)
+SMALL = {"num_train": 64, "num_val": 16, "size": 64}
+TINY = {"num_train": 4, "num_val": 1, "size": 32}
+# Digests of every generated file (see ``_digest``), for parameters -> digest. Any change
+# to them means the images, masks or splits changed: bump GENERATOR_VERSION and update.
+REFERENCE_DIGESTS = {
+    (0, 64, 16, 64, 1 / 16): "feaa9a96940cbaf96e2adf9ed6ef3f92de5ec4fcd30e703a10aba8369864900d",
+    (3, 8, 2, 96, 0.25): "6d417580392e5884360d7c2f4343d1f2b3b7e687b247cbcc7359519cd29cf0e7",
+}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -33,6 +44,19 @@ def _files(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.suffix in {".jpg", ".png", ".txt"}
     }
+
+
+def _digest(root: Path) -> str:
+    """SHA-256 over the relative paths and contents of all generated files."""
+    h = hashlib.sha256()
+    for name, content in _files(root).items():
+        h.update(name.encode() + b"\0" + content)
+    return h.hexdigest()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary folders next to a dataset folder."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.endswith(".tmp"))
 
 
 def _mask(path: Path) -> np.ndarray:
@@ -116,7 +140,7 @@ def test_layout(small: Path) -> None:
     assert set(labeled) | set(unlabeled) == set(full)
     assert set(val).isdisjoint(full)
     assert len(list((small / "JPEGImages").iterdir())) == 80
-    assert not (small / ".incomplete").exists()
+    assert _leftovers(small) == []
 
 
 def test_masks_are_voc_palette_pngs(small: Path) -> None:
@@ -198,7 +222,7 @@ def test_texture_survives_a_grey_view(default_size_samples: tuple[np.ndarray, np
     """The strong views turn 20% of images grey and halve contrast, so the class texture
     must live in brightness, not hue: within each object class's region the luma (what a
     greyscale conversion keeps) spreads by at least 20 levels between its 10th and 90th
-    percentiles. Version 3 textured e.g. red on green, which failed this in 8% of regions."""
+    percentiles (a texture of e.g. red on green would fail this)."""
     images, masks = default_size_samples
     luma = images.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     spreads = []
@@ -212,92 +236,128 @@ def test_texture_survives_a_grey_view(default_size_samples: tuple[np.ndarray, np
     assert np.mean(np.array(spreads) < 20) < 0.01
 
 
+def test_files_match_the_reference(small: Path, tmp_path: Path) -> None:
+    """The files for given parameters never change within one GENERATOR_VERSION."""
+    assert _digest(small) == REFERENCE_DIGESTS[(0, *SMALL.values(), 1 / 16)]
+    other = make_synthetic(tmp_path, seed=3, num_train=8, num_val=2, size=96, labeled_fraction=0.25)
+    assert _digest(other) == REFERENCE_DIGESTS[(3, 8, 2, 96, 0.25)]
+
+
+def test_cache_folder_names_version_and_parameters(small: Path, tmp_path: Path) -> None:
+    assert small.name == f"v{GENERATOR_VERSION}-64px-train64-val16-1_16-seed0"
+    one = make_synthetic(tmp_path, seed=0, **TINY)
+    two = make_synthetic(tmp_path, seed=1, **TINY)
+    three = make_synthetic(tmp_path, seed=0, **TINY, labeled_fraction=0.5)
+    assert [one.name, two.name, three.name] == [
+        f"v{GENERATOR_VERSION}-32px-train4-val1-1_16-seed0",
+        f"v{GENERATOR_VERSION}-32px-train4-val1-1_16-seed1",
+        f"v{GENERATOR_VERSION}-32px-train4-val1-1_2-seed0",
+    ]
+    assert all(folder.parent == tmp_path and (folder / "dataset.json").is_file() for folder in (one, two, three))
+    assert _files(one) != _files(two)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([one.name, two.name, three.name])
+
+
 def test_cache_reused_without_rewriting(small: Path) -> None:
     manifest = small / "dataset.json"
     image = small / "JPEGImages/train_00000.jpg"
     before = (manifest.stat().st_mtime_ns, image.stat().st_mtime_ns)
     start = time.perf_counter()
-    assert make_synthetic(small, seed=0, **SMALL) == small
+    assert make_synthetic(small.parent, seed=0, **SMALL) == small
     assert time.perf_counter() - start < 0.5
     assert (manifest.stat().st_mtime_ns, image.stat().st_mtime_ns) == before
 
 
-def test_other_parameters_need_force(tmp_path: Path) -> None:
-    root = make_synthetic(tmp_path / "data", seed=0, num_train=8, num_val=2, size=32)
-    (root / "notes.txt").write_text("user file")
-    with pytest.raises(FileExistsError, match="seed"):
-        make_synthetic(root, seed=1, num_train=8, num_val=2, size=32)
-    make_synthetic(root, seed=1, num_train=4, num_val=2, size=32, force=True)
-    manifest = json.loads((root / "dataset.json").read_text())
-    assert manifest["params"]["seed"] == 1 and manifest["params"]["num_train"] == 4
-    assert len(list((root / "JPEGImages").iterdir())) == 6, "stale images are removed"
-    assert (root / "notes.txt").read_text() == "user file", "only our files are touched"
+def _generate_in_step(root: Path, barrier, results) -> None:
+    """make_synthetic in a child process that renames its copy only once the other child
+    has written its own, so that exactly one of the two renames fails."""
+    write = synthetic._write_dataset
+
+    def write_then_wait(*args) -> None:
+        write(*args)
+        barrier.wait(timeout=60)
+
+    synthetic._write_dataset = write_then_wait
+    results.put(str(make_synthetic(root, seed=3, num_train=8, num_val=2, size=96, labeled_fraction=0.25)))
 
 
-def test_foreign_folder_is_refused(tmp_path: Path) -> None:
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_two_processes_generating_the_same_dataset(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    children = [ctx.Process(target=_generate_in_step, args=(tmp_path, barrier, results)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0]
+    folders = {Path(results.get(timeout=5)) for _ in children}
+    assert len(folders) == 1
+    folder = folders.pop()
+    assert _digest(folder) == REFERENCE_DIGESTS[(3, 8, 2, 96, 0.25)]
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name], "the losing copy is removed"
+
+
+def test_foreign_folders_are_refused_and_left_untouched(tmp_path: Path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    for force in (False, True):
-        with pytest.raises(FileExistsError, match="not empty"):
-            make_synthetic(foreign, num_train=4, num_val=1, size=32, force=force)
+    with pytest.raises(FileExistsError, match=r"mine holds thesis\.tex.*new or empty"):
+        make_synthetic(foreign, **TINY)
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+    # A folder of the dataset's own name, without our manifest.
+    cache = tmp_path / "cache"
+    squatter = cache / f"v{GENERATOR_VERSION}-32px-train4-val1-1_16-seed0"
+    squatter.mkdir(parents=True)
+    (squatter / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{squatter.name} exists but holds no synthetic dataset"):
+        make_synthetic(cache, **TINY)
+    assert [p.name for p in squatter.iterdir()] == ["notes.txt"]
+    assert [p.name for p in cache.iterdir()] == [squatter.name]
+
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (make_synthetic(empty, num_train=4, num_val=1, size=32) / "dataset.json").is_file()
+    assert (make_synthetic(empty, **TINY) / "dataset.json").is_file()
 
 
-def test_interrupted_generation_is_redone(tmp_path: Path) -> None:
-    root = make_synthetic(tmp_path / "data", num_train=4, num_val=1, size=32)
-    reference = _files(root)
-    # Simulate a crash mid-way: marker present, manifest missing, a file truncated.
-    (root / ".incomplete").touch()
-    (root / "dataset.json").unlink()
-    (root / "JPEGImages/train_00000.jpg").write_bytes(b"")
-    make_synthetic(root, num_train=4, num_val=1, size=32)
-    assert _files(root) == reference
-    assert (root / "dataset.json").is_file() and not (root / ".incomplete").exists()
+def test_a_killed_run_does_not_confuse_the_next(tmp_path: Path) -> None:
+    reference = _files(make_synthetic(tmp_path / "reference", **TINY))
+    key = f"v{GENERATOR_VERSION}-32px-train4-val1-1_16-seed0"
+    killed = tmp_path / "cache" / f".{key}.0123456789abcdef.tmp"
+    (killed / "JPEGImages").mkdir(parents=True)
+    (killed / "JPEGImages/train_00000.jpg").write_bytes(b"")
+    folder = make_synthetic(tmp_path / "cache", **TINY)
+    assert _files(folder) == reference
+    assert _leftovers(folder) == [killed.name], "another run's temporary folder is not touched"
 
 
-def test_cache_from_an_older_generator_is_regenerated(tmp_path: Path) -> None:
-    params = dict(seed=3, num_train=4, num_val=1, size=32)
-    root = make_synthetic(tmp_path / "data", **params)
-    reference = _files(root)
-    (root / "notes.txt").write_text("user file")
-    manifest = json.loads((root / "dataset.json").read_text())
-    manifest["version"] -= 1
-    (root / "dataset.json").write_text(json.dumps(manifest))
-    (root / "JPEGImages/train_00000.jpg").write_bytes(b"old")
-    # Through the loader's entry point, which knows nothing of the parameters: the
-    # manifest's are used, and nothing but our own files is touched.
-    assert refresh_synthetic(root) == root
-    assert _files(root) == {**reference, "notes.txt": b"user file"}
-    assert json.loads((root / "dataset.json").read_text())["version"] == manifest["version"] + 1
-    # Other parameters still need force, as before.
-    with pytest.raises(FileExistsError, match="seed"):
-        make_synthetic(root, **{**params, "seed": 4})
+def test_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(folder: Path, params: dict, progress: bool) -> None:
+        (folder / "JPEGImages").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_write_dataset", fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(tmp_path, **TINY)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_cache_made_with_an_old_default_gets_the_new_default(tmp_path: Path, monkeypatch) -> None:
-    # Stand-ins for version 5's change (num_train 1024 -> 512), small enough to generate here.
-    monkeypatch.setattr(synthetic, "_CHANGED_DEFAULTS", {synthetic.GENERATOR_VERSION: {"num_train": 6}})
-    monkeypatch.setitem(make_synthetic.__kwdefaults__, "num_train", 4)
-    root = make_synthetic(tmp_path / "data", seed=3, num_train=6, num_val=1, size=32)
-    manifest = json.loads((root / "dataset.json").read_text())
-    manifest["version"] -= 1
-    (root / "dataset.json").write_text(json.dumps(manifest))
+def test_resolve_synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data.root`` names a dataset folder, or a cache folder whose default dataset is used."""
+    for key, value in TINY.items():  # small stand-ins for the defaults
+        monkeypatch.setitem(make_synthetic.__kwdefaults__, key, value)
+    default = make_synthetic(tmp_path / "cache")
+    assert resolve_synthetic(tmp_path / "cache") == default
+    assert resolve_synthetic(tmp_path / "new") == make_synthetic(tmp_path / "new")
+    other = make_synthetic(tmp_path / "cache", seed=1)
+    assert resolve_synthetic(other) == other
+    cfg = load_config("synthetic", [f"data.root={tmp_path / 'cache'}"])
+    assert data_root(cfg) == default
+    assert data_root(load_config("synthetic", [f"data.root={other}"])) == other
 
-    refresh_synthetic(root)  # what training calls: the old default is dropped, the rest kept
-    params = json.loads((root / "dataset.json").read_text())["params"]
-    assert (params["num_train"], params["seed"], params["size"]) == (4, 3, 32)
-    assert len(list((root / "JPEGImages").iterdir())) == 5
-
-    # What the demo calls (today's defaults) on a stale cache with other settings: regenerated
-    # without force, as the stale cache is ours; a current one still needs force.
-    manifest = json.loads((root / "dataset.json").read_text())
-    manifest["version"] -= 1
-    (root / "dataset.json").write_text(json.dumps(manifest))
-    make_synthetic(root, seed=0, num_val=1, size=32)
-    assert json.loads((root / "dataset.json").read_text())["params"]["seed"] == 0
-    with pytest.raises(FileExistsError, match="seed"):
-        make_synthetic(root, seed=1, num_val=1, size=32)
+    manifest = json.loads((other / "dataset.json").read_text())
+    manifest["version"] = GENERATOR_VERSION - 1
+    (other / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileExistsError, match=f"generator version {GENERATOR_VERSION - 1}"):
+        resolve_synthetic(other)

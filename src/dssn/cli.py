@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="supervised vs DSSN on the built-in dataset, in minutes on a CPU",
-                       description="Builds the synthetic dataset if absent (or made by an older generator), "
+                       description="Builds the synthetic dataset if absent, "
                                    "trains 'supervised' and 'dssn' on the same 1/16 labeled split with the same "
                                    "iteration budget and learning rate, evaluates both and prints a table "
                                    "(also written to OUT/results.md and .json).")

@@ -85,9 +85,6 @@ class DataConfig(_Section):
     """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
     ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
     ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
-    unlabeled_masks: bool = False
-    """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
-    for diagnostics on data that has them; no method trains on them."""
 
 
 class MethodConfig(_Section):

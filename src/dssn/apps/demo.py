@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from dssn.config import load_config
-from dssn.data.synthetic import make_synthetic
 from dssn.apps.train import train
+from dssn.data.synthetic import resolve_synthetic
 from dssn.errors import TrainingError
 from dssn.viz.compare import compare_runs
 
@@ -34,14 +34,15 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
 
     Every method trains at the preset's learning rate, as the authors' supervised
     baseline does (on the built-in dataset it is also supervised training's best
-    measured rate; README, finding 11). The mIoU column is the student's final score
+    measured rate; docs/findings.md). The mIoU column is the student's final score
     for every method, so each row is the same network trained for the same number of
     iterations; DSSN's EMA teacher is shown beside it.
     """
     out_dir = out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainingError(f"demo folder '{out_dir}' exists and is not empty; pass --out NEW_FOLDER")
-    print(f"dataset: {make_synthetic(data_root, progress=True)}")
+    data_root = resolve_synthetic(data_root, progress=True)
+    print(f"dataset: {data_root}")
     rows = []
     for seed in seeds:
         for method in methods:
@@ -64,5 +65,5 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
     print()
-    compare_runs([r["run_dir"] for r in rows], out_dir)
+    compare_runs([r["run_dir"] for r in rows], out_dir)  # per-class winners: compare.md/.csv/.png
     return rows

@@ -8,7 +8,7 @@ from dssn.config import Config
 from dssn.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, Ade20kDecoder
 from dssn.data.datasets import DataError, MaskDecoder, SegmentationDataset, Split, load_split, read_split
 from dssn.data.layouts import FolderMeta, Pool, load_folder_meta, pairs_to_split, scan_pool
-from dssn.data.synthetic import voc_palette
+from dssn.data.synthetic import CLASS_NAMES, resolve_synthetic, voc_palette
 
 __all__ = ["SegmentationDataset", "read_split", "build_train_datasets", "build_val_dataset",
            "class_names_for", "palette_for", "decoder_for", "data_root", "folder_meta", "split_sources", "DataError",
@@ -72,8 +72,6 @@ def class_names_for(cfg: Config) -> list[str]:
     elif d.dataset == "ade20k":
         names, where = list(ADE20K_CLASSES), "the ade20k class list"
     elif d.dataset == "synthetic":
-        from dssn.data.synthetic import CLASS_NAMES
-
         names, where = list(CLASS_NAMES), "the synthetic class list"
     else:
         names, where = [f"class_{i}" for i in range(d.num_classes)], ""
@@ -110,12 +108,11 @@ def decoder_for(cfg: Config) -> MaskDecoder:
 
 
 def data_root(cfg: Config) -> Path:
-    """``data.root``, checked to exist (the built-in dataset is generated there first)."""
+    """``data.root``, checked to exist. For the built-in dataset, the dataset folder it
+    names: itself if it holds one, else the default one cached under it (generated if absent)."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.dataset == "synthetic":
-        from dssn.data.synthetic import refresh_synthetic
-
-        refresh_synthetic(root)  # generated if absent or made by an older generator
+        root = resolve_synthetic(root)
     if not root.is_dir():
         raise DataError(f"data root '{root.resolve()}' does not exist (data.root). Download the dataset there "
                         f"or point data.root=PATH at it; see the README section for '{cfg.data.dataset}'.")
@@ -187,8 +184,7 @@ def build_train_datasets(cfg: Config) -> tuple[SegmentationDataset, Segmentation
     length = None
     if sources["unlabeled"] is not None:
         unlabeled = SegmentationDataset(root, _load(sources["unlabeled"], "data.unlabeled_split"), "train_u",
-                                        d.crop_size, strong_ops=d.strong_ops, seed=t.seed, decoder=decoder,
-                                        unlabeled_masks=d.unlabeled_masks)
+                                        d.crop_size, strong_ops=d.strong_ops, seed=t.seed, decoder=decoder)
         length = (len(unlabeled) // t.batch_size_unlabeled) * t.batch_size
     labeled = SegmentationDataset(root, _load(sources["labeled"], "data.labeled_split"), "train_l",
                                   d.crop_size, strong_ops=d.strong_ops, length=length, seed=t.seed, decoder=decoder)

@@ -338,10 +338,7 @@ class SegmentationDataset(Dataset):
       - ``"train_u"``: dict with the weak view ``w``, two independent strong views
         ``s1``/``s2`` (each [3,c,c]), ``ign`` (long [c,c], 255 where the crop padded the
         image, 0 elsewhere) and CutMix boxes ``b1``/``b2`` (bool [c,c]). Masks in the
-        split file are not read, unless ``unlabeled_masks``: then ``mask`` (long [c,c],
-        255 where padded or ignored) is the true mask cropped with ``w``, for diagnostics
-        on data whose unlabeled images have masks (the built-in dataset); the views and
-        boxes are the same as without it.
+        split file are not read.
 
     ``split_file``: a split file path, or a ``Split`` already listed (e.g. from a folder).
     ``length``: if larger than the split, the list is cycled up to it (the labeled set
@@ -360,7 +357,6 @@ class SegmentationDataset(Dataset):
         length: int | None = None,
         seed: int = 0,
         decoder: MaskDecoder | None = None,
-        unlabeled_masks: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -375,16 +371,14 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.decoder = decoder or MaskDecoder()
         self.entries = split.entries
-        self.unlabeled_masks = unlabeled_masks and mode == "train_u"
         if not self.entries:
             raise DataError(f"split {self.split_file} lists no images")
-        if mode != "train_u" or self.unlabeled_masks:
-            asker = "unlabeled_masks" if self.unlabeled_masks else f"mode {mode!r}"
+        if mode != "train_u":
             for entry in self.entries:
                 if entry.mask is None:
                     raise SplitFileError(str(Problem(
                         self.split_file, entry.line_no,
-                        f"{asker} needs 'image_path mask_path', got only {entry.image!r}")))
+                        f"mode {mode!r} needs 'image_path mask_path', got only {entry.image!r}")))
         self._length = max(len(self.entries), length or 0)
 
     def __len__(self) -> int:
@@ -406,13 +400,13 @@ class SegmentationDataset(Dataset):
     ) -> tuple[torch.Tensor, torch.Tensor, str] | tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         entry = self.entries[index % len(self.entries)]
         try:
-            read_mask = self.mode != "train_u" or self.unlabeled_masks
+            read_mask = self.mode != "train_u"
             img, mask = load_pair(self.root, entry.image, entry.mask if read_mask else None, self.decoder)
         except DataError as err:  # say where the file is listed
             raise type(err)(str(Problem(self.split_file, entry.line_no, str(err)))) from None
 
         if self.mode == "train_u":
-            return self._unlabeled_views(img, mask, self._rng(index))
+            return self._unlabeled_views(img, self._rng(index))
         if self.mode == "val":
             return to_tensor_normalized(img), mask_to_tensor(mask), entry.image
 
@@ -422,11 +416,10 @@ class SegmentationDataset(Dataset):
         img, mask = hflip(img, mask, rng=rng)
         return to_tensor_normalized(img), mask_to_tensor(mask)
 
-    def _unlabeled_views(self, img: Image.Image, mask: Image.Image | None,
-                         rng: random.Random) -> dict[str, torch.Tensor]:
+    def _unlabeled_views(self, img: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
         # The unlabeled mask is unknown: crop an all-zero dummy alongside the image so
-        # the padded area can be found afterwards (or the true mask, if asked for).
-        companion = Image.new("L", img.size, 0) if mask is None else mask
+        # the padded area can be found afterwards.
+        companion = Image.new("L", img.size, 0)
         img, companion = resize_long_side(img, companion, rng=rng)
         img, companion = pad_crop(img, companion, self.crop_size, _PAD_MARKER, rng=rng)
         img, companion = hflip(img, companion, rng=rng)
@@ -436,10 +429,9 @@ class SegmentationDataset(Dataset):
         s2 = strong_view(img, self.strong_ops, rng=rng)
         b2 = cutmix_box(self.crop_size, rng=rng)
 
-        cropped = np.asarray(companion)
-        padded = cropped == _PAD_MARKER
+        padded = np.asarray(companion) == _PAD_MARKER
         ign = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
-        views = {
+        return {
             "w": to_tensor_normalized(img),
             "s1": to_tensor_normalized(s1),
             "s2": to_tensor_normalized(s2),
@@ -447,6 +439,3 @@ class SegmentationDataset(Dataset):
             "b1": b1,
             "b2": b2,
         }
-        if mask is not None:
-            views["mask"] = torch.from_numpy(np.where(padded, IGNORE_INDEX, cropped).astype(np.int64))
-        return views

@@ -8,7 +8,8 @@ clutter), so colour alone says nothing about the class and a network has to
 learn texture and shape from examples. Class frequencies are long-tailed so
 that 1/16 of the labels leaves the rare classes badly under-represented.
 
-The dataset is written once to disk in the same layout as PASCAL VOC
+The dataset is written to disk (once for each generator version and set of
+parameters, see ``make_synthetic``) in the same layout as PASCAL VOC
 (``JPEGImages``, palette-PNG ``SegmentationClass`` with 255 on a 1-pixel band
 around objects, split files in the authors' format), so the VOC loader reads
 both. Every image is generated from its own seed derived from
@@ -20,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -37,24 +40,22 @@ __all__ = [
     "NUM_CLASSES",
     "class_frequencies",
     "make_synthetic",
-    "refresh_synthetic",
     "render_sample",
+    "resolve_synthetic",
     "split_name",
     "voc_palette",
 ]
 
-#: Bump whenever rendering or the default dataset changes, so stale caches are detected.
+#: Bump whenever the files made for the same parameters change: it names the cache folders.
 GENERATOR_VERSION = 5
-# Defaults that changed, by the version that changed them. Version 5 halved the
-# training set, so that a 1/16 network at its best learning rate still leaves a
-# clear gap to all labels (README, finding 11); the images themselves are unchanged.
-_CHANGED_DEFAULTS = {5: {"num_train": 1024}}
 IGNORE_INDEX = 255
 MANIFEST_NAME = "dataset.json"
-_INCOMPLETE_MARKER = ".incomplete"
 _GENERATOR_ID = "dssn.data.synthetic"
-_OUR_ENTRIES = ("JPEGImages", "SegmentationClass", "splits", MANIFEST_NAME)
 _SPLIT_IDS = {"train": 0, "val": 1, "labeled-subset": 2}
+# Cache folders are named by version and parameters (``_cache_key``); a generation in
+# progress writes to a hidden temporary sibling ``.<key>.<random>.tmp``.
+_KEY_PATTERN = r"v\d+-\d+px-train\d+-val\d+-(?:full|\d+_\d+)-seed\d+"
+_CACHE_ENTRY = re.compile(rf"{_KEY_PATTERN}|\.{_KEY_PATTERN}\.\w+\.tmp")
 _JPEG_QUALITY = 90
 
 # Texture periods are in pixels at this image size. Larger images scale them
@@ -110,22 +111,17 @@ _PALETTE = np.array(
 _LUMA = _PALETTE @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _contrast_pairs(min_luma_step: float) -> np.ndarray:
-    """Ordered pairs of palette indices whose luma differs by at least ``min_luma_step``."""
-    return np.array(
-        [
-            (a, b)
-            for a in range(len(_PALETTE))
-            for b in range(len(_PALETTE))
-            if a != b and abs(_LUMA[a] - _LUMA[b]) >= min_luma_step
-        ]
-    )
-
-
-# Colour pairs whose texture stays visible in every view: a luma step of at least 40
-# survives the strong view's grayscale, desaturation and halved contrast. Version 3 only
-# asked for distance in RGB, so e.g. red on green textures vanished in grey views.
-_CONTRAST_PAIRS = _contrast_pairs(40)
+# Ordered pairs of palette indices to texture an object with. A luma step of at least 40
+# survives the strong view's grayscale, desaturation and halved contrast, so the texture
+# stays visible in every view (a pair far apart in RGB alone, like red on green, would not).
+_CONTRAST_PAIRS = np.array(
+    [
+        (a, b)
+        for a in range(len(_PALETTE))
+        for b in range(len(_PALETTE))
+        if a != b and abs(_LUMA[a] - _LUMA[b]) >= 40
+    ]
+)
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -189,10 +185,8 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 # views rescale by up to 4x); phases and small jitters are random so no single
 # template fits. Orientations are fixed in the image frame, as the views never
 # rotate, and chosen so that no horizontal flip turns one class's pattern into
-# another's.
-# Version 2 rotated grid-like textures with the object; a network trained from
-# scratch on all labels could not tell them apart in the demo's budget, which
-# left semi-supervised learning no room (see benchmarks/headroom.py).
+# another's (textures that turn with the object are much harder to tell apart
+# for a network trained from scratch).
 
 
 def _square_wave(phase: np.ndarray) -> np.ndarray:
@@ -430,8 +424,9 @@ def _write_split(path: Path, ids: list[str]) -> None:
     path.write_text("".join(_split_line(i) for i in ids))
 
 
-def _read_manifest(root: Path) -> dict | None:
-    path = root / MANIFEST_NAME
+def _read_manifest(folder: Path) -> dict | None:
+    """The manifest of a dataset this module wrote in ``folder``, or None."""
+    path = folder / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
@@ -443,108 +438,71 @@ def _read_manifest(root: Path) -> dict | None:
     return None
 
 
-def _prepare_root(root: Path, params: dict, force: bool) -> bool:
-    """Decide whether ``root`` must be (re)generated. Returns False when a
-    complete cache with identical parameters is already there; raises when the
-    folder holds something we must not overwrite."""
-    incomplete = (root / _INCOMPLETE_MARKER).exists()
-    manifest = _read_manifest(root)
-    if manifest is not None and not incomplete:
-        cached = {"version": manifest.get("version"), **manifest.get("params", {})}
-        wanted = {"version": GENERATOR_VERSION, **params}
-        differing = [key for key in wanted if cached.get(key) != wanted[key]]
-        if not differing:
-            return False
-        # A cache from an older generator is stale output of our own, so it is regenerated
-        # without asking, with the parameters requested now (nothing in it was written by
-        # the user; version 5 also changed the default num_train). A current one with other
-        # parameters is the user's choice, and is replaced only with force.
-        if not force and cached["version"] == GENERATOR_VERSION:
-            diff = ", ".join(
-                f"{key}: cached {cached.get(key)!r} != requested {wanted[key]!r}" for key in differing
-            )
-            raise FileExistsError(
-                f"{root} holds a synthetic dataset made with other settings ({diff}); "
-                "pass force=True to regenerate it, or choose another folder"
-            )
-    elif manifest is None and not incomplete and root.exists() and any(root.iterdir()):
+def _cache_key(params: dict) -> str:
+    """Folder name of a dataset, e.g. ``v5-96px-train512-val192-1_16-seed0``."""
+    return (f"v{GENERATOR_VERSION}-{params['size']}px-train{params['num_train']}-val{params['num_val']}"
+            f"-{split_name(params['labeled_fraction'])}-seed{params['seed']}")
+
+
+def _check_cache_root(root: Path) -> None:
+    """Refuse a cache root holding anything but our cache folders, so that a user's
+    folder is never written into."""
+    if not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if not _CACHE_ENTRY.fullmatch(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise FileExistsError(
-            f"{root} is not empty and has no {MANIFEST_NAME}: it does not look like a "
-            "synthetic dataset made by dssn, so it will not be overwritten; choose an "
-            "empty or new folder"
+            f"{root} holds {shown}, which the synthetic dataset cache did not write; it will not "
+            "write into this folder: choose a new or empty one"
         )
-    # Ours (complete with other settings and force=True, or interrupted) or new:
-    # remove only what we write, never anything else in the folder.
-    root.mkdir(parents=True, exist_ok=True)
-    (root / _INCOMPLETE_MARKER).touch()
-    for entry in _OUR_ENTRIES:
-        path = root / entry
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+
+
+def _is_cached(folder: Path, params: dict) -> bool:
+    """Whether ``folder`` holds the finished dataset for ``params``. False when it is
+    absent or empty; raises when it holds anything else."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return False
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise FileExistsError(
+            f"{folder} exists but holds no synthetic dataset ({MANIFEST_NAME} missing or not "
+            "ours); it will not be written into: move it away or choose another folder"
+        )
+    made = {"version": manifest.get("version"), **manifest.get("params", {})}
+    if made != {"version": GENERATOR_VERSION, **params}:
+        raise FileExistsError(
+            f"{folder} holds a synthetic dataset made with {made}, not {params}: delete it "
+            "(it regenerates in seconds) or choose another folder"
+        )
     return True
 
 
-def make_synthetic(
-    root: str | os.PathLike[str],
-    *,
-    seed: int = 0,
-    num_train: int = 512,
-    num_val: int = 192,
-    size: int = 96,
-    labeled_fraction: float = 1 / 16,
-    force: bool = False,
-    progress: bool = False,
-) -> Path:
-    """Generate (or reuse) the synthetic dataset under ``root`` and return its path.
-
-    Writes ``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` (VOC palette),
-    ``splits/<fraction>/{labeled,unlabeled}.txt``, ``splits/full/labeled.txt``,
-    ``splits/val.txt`` and, last, ``dataset.json``. A finished dataset with the
-    same parameters is reused as is; one an older ``GENERATOR_VERSION`` made is
-    regenerated with the parameters asked for now; a current one with other
-    parameters raises ``FileExistsError`` unless ``force``; a non-empty folder
-    that is not ours always raises. A ``.incomplete`` marker exists while writing, so an
-    interrupted run is detected and simply regenerated.
-    """
-    if num_train < 1 or num_val < 0 or size < 16:
-        raise ValueError("need num_train >= 1, num_val >= 0 and size >= 16")
-    fraction_name = split_name(labeled_fraction)
-    root = Path(root)
-    params = {
-        "seed": int(seed),
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "size": int(size),
-        "labeled_fraction": float(labeled_fraction),
-    }
-    if not _prepare_root(root, params, force):
-        return root
-
-    (root / "JPEGImages").mkdir()
-    (root / "SegmentationClass").mkdir()
+def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
+    """Write the dataset for ``params`` into the empty ``folder``, the manifest last."""
+    seed, num_train, size = params["seed"], params["num_train"], params["size"]
+    (folder / "JPEGImages").mkdir()
+    (folder / "SegmentationClass").mkdir()
     palette = voc_palette()
     pixel_counts = np.zeros(256, dtype=np.int64)
-    ids = {"train": _sample_ids("train", num_train), "val": _sample_ids("val", num_val)}
+    ids = {"train": _sample_ids("train", num_train), "val": _sample_ids("val", params["num_val"])}
     jobs = [(split, i, sample_id) for split in ids for i, sample_id in enumerate(ids[split])]
-    for split, index, sample_id in tqdm(
-        jobs, desc="synthetic dataset", unit="img", disable=not progress
-    ):
+    for split, index, sample_id in tqdm(jobs, desc="synthetic dataset", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
         image, labels = render_sample(rng, size)
-        Image.fromarray(image).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
+        Image.fromarray(image).save(folder / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
         mask = Image.fromarray(labels)
         mask.putpalette(palette)
-        mask.save(root / "SegmentationClass" / f"{sample_id}.png", optimize=True)
+        mask.save(folder / "SegmentationClass" / f"{sample_id}.png", optimize=True)
         if split == "train":
             pixel_counts += np.bincount(labels.ravel(), minlength=256)
 
-    num_labeled = max(1, round(num_train * labeled_fraction))
+    fraction_name = split_name(params["labeled_fraction"])
+    num_labeled = max(1, round(num_train * params["labeled_fraction"]))
     order = np.random.default_rng([seed, _SPLIT_IDS["labeled-subset"]]).permutation(num_train)
     labeled = sorted(ids["train"][i] for i in order[:num_labeled])
     unlabeled = sorted(set(ids["train"]) - set(labeled))
-    splits = root / "splits"
+    splits = folder / "splits"
     _write_split(splits / fraction_name / "labeled.txt", labeled)
     _write_split(splits / fraction_name / "unlabeled.txt", unlabeled)
     _write_split(splits / "full" / "labeled.txt", ids["train"])
@@ -557,34 +515,79 @@ def make_synthetic(
         "class_names": list(CLASS_NAMES),
         "ignore_index": IGNORE_INDEX,
         "split_name": fraction_name,
-        "counts": {
-            "train": num_train,
-            "val": num_val,
-            "labeled": len(labeled),
-            "unlabeled": len(unlabeled),
-        },
+        "counts": {"train": num_train, "val": params["num_val"], "labeled": len(labeled),
+                   "unlabeled": len(unlabeled)},
         "train_pixel_counts": {name: int(pixel_counts[i]) for i, name in enumerate(CLASS_NAMES)},
         "train_ignored_pixels": int(pixel_counts[IGNORE_INDEX]),
     }
-    tmp = root / f"{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST_NAME)
-    (root / _INCOMPLETE_MARKER).unlink()
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def make_synthetic(
+    root: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    num_train: int = 512,
+    num_val: int = 192,
+    size: int = 96,
+    labeled_fraction: float = 1 / 16,
+    progress: bool = False,
+) -> Path:
+    """Generate (or reuse) the synthetic dataset cached under ``root``; return its folder,
+    ``root/<key>`` with a key naming the generator version and the parameters
+    (``v5-96px-train512-val192-1_16-seed0`` for the defaults). It holds ``JPEGImages``,
+    ``SegmentationClass`` (VOC palette PNGs), ``splits/<fraction>/{labeled,unlabeled}.txt``,
+    ``splits/full/labeled.txt``, ``splits/val.txt`` and ``dataset.json``.
+
+    The dataset is written to a hidden ``.<key>.<random>.tmp`` folder and renamed into place
+    when complete, so a key's folder is always complete and concurrent processes all use the
+    copy renamed first; a killed run's temporary folder is ignored (delete it at will).
+    ``root`` holding anything else raises ``FileExistsError``: it is never written into.
+    """
+    if num_train < 1 or num_val < 0 or size < 16:
+        raise ValueError("need num_train >= 1, num_val >= 0 and size >= 16")
+    params = {
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "size": int(size),
+        "labeled_fraction": float(labeled_fraction),
+    }
+    root = Path(root)
+    folder = root / _cache_key(params)
+    _check_cache_root(root)
+    if _is_cached(folder, params):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        _write_dataset(tmp, params, progress)
+        try:
+            os.rename(tmp, folder)  # atomic; fails if another process renamed its copy first
+        except OSError:
+            if not _is_cached(folder, params):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, unless the rename moved it
+    return folder
+
+
+def resolve_synthetic(root: str | os.PathLike[str], *, progress: bool = False) -> Path:
+    """The dataset folder that ``data.root`` names for the built-in dataset: ``root``
+    itself when it holds a dataset (a folder ``make_synthetic`` returned), otherwise the
+    default dataset cached under ``root``, generated first if absent."""
+    root = Path(root)
+    manifest = _read_manifest(root)
+    if manifest is None:
+        return make_synthetic(root, progress=progress)
+    if manifest.get("version") != GENERATOR_VERSION:
+        raise FileExistsError(
+            f"{root} holds a synthetic dataset made by generator version {manifest.get('version')}, "
+            f"and this dssn makes version {GENERATOR_VERSION}: delete the folder (it regenerates "
+            "in seconds) or point data.root at another one"
+        )
     return root
-
-
-def refresh_synthetic(root: str | os.PathLike[str]) -> Path:
-    """Make sure ``root`` holds a complete dataset from this generator version: generate
-    the default one if there is none, regenerate one an older version made (with the
-    parameters it was made with, except those that were that version's defaults and have
-    changed since), and leave a current one alone."""
-    manifest = _read_manifest(Path(root)) or {}
-    params = dict(manifest.get("params", {}))
-    version = manifest.get("version", GENERATOR_VERSION)
-    for changed_in, old_defaults in _CHANGED_DEFAULTS.items():
-        if version < changed_in:
-            params = {key: value for key, value in params.items() if old_defaults.get(key) != value}
-    return make_synthetic(root, **params)
 
 
 def class_frequencies(
