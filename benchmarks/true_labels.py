@@ -1,7 +1,7 @@
 """What could DSSN gain with perfect pseudo labels? DSSN trained on the true masks of its unlabeled images.
 
 The built-in dataset has masks for its unlabeled images too. This trains DSSN on the 1/16
-split as ``dssn demo`` does, but the teacher's logits (SPEC 3, step 2) and the student's
+split as ``dssn demo`` does, but the teacher's logits (``docs/method.md`` §3, step 2) and the student's
 weak prediction (step 4, the labels of the feature level) are replaced by one-hot logits
 of the true masks, cropped with the weak view. Everything else is DSSN's own step: CutMix,
 the strong views, CPLG (which then keeps every labelled pixel), the loss weights, the
@@ -21,6 +21,7 @@ per supervised run with ``train.threads=1`` on two CPU cores).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -41,8 +42,8 @@ def one_hot_logits(mask: Tensor, num_classes: int) -> Tensor:
 
 
 class TrueWeakPrediction(nn.Module):
-    """The student, except that the unlabeled rows of its clean output (``p_w``, which the step
-    detaches) are the true masks' logits. ``_orig_mod`` is the attribute ``unwrap`` follows, so
+    """The student, except that the unlabeled rows of its clean output (``student_weak``, which the
+    step detaches) are the true masks' logits. ``_orig_mod`` is the attribute ``unwrap`` follows, so
     the EMA, checkpoints and evaluation see the network itself."""
 
     def __init__(self, net: nn.Module) -> None:
@@ -64,16 +65,18 @@ class TrueLabelDSSN(DSSN):
     def __init__(self, student: nn.Module, *args, **kwargs) -> None:
         super().__init__(student, *args, **kwargs)
         self.student = TrueWeakPrediction(student)
-        self._mask_mix: Tensor | None = None  # the CutMix donors' masks; the images' are on the student
+        self._partner_masks: Tensor | None = None  # the CutMix partners' masks; the images' are on the student
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
-        self._mask_mix = batch.mix.pop("mask")
-        self.student.masks = batch.unlabeled.pop("mask")
-        return super().training_step(batch, step)
+        # data.unlabeled_masks: both unlabeled batches are UnlabeledViewsWithMask.
+        self._partner_masks = batch.partner.mask
+        self.student.masks = batch.unlabeled.mask
+        views = dataclasses.replace(batch, unlabeled=batch.unlabeled.views, partner=batch.partner.views)
+        return super().training_step(views, step)
 
-    def teacher_logits(self, w_mix: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    def teacher_logits(self, partner_weak: Tensor, weak: Tensor, step: int) -> tuple[Tensor, Tensor]:
         c = self.student_net.classifier.out_channels
-        return one_hot_logits(self._mask_mix, c), one_hot_logits(self.student.masks, c)
+        return one_hot_logits(self._partner_masks, c), one_hot_logits(self.student.masks, c)
 
 
 def _weak_view(img, strong_ops: bool = True, *, rng):

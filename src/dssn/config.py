@@ -60,11 +60,12 @@ class DataConfig(_Section):
     val_split: str | None = "splits/val.txt"
     crop_size: int = 513
     strong_ops: bool = True
-    """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
+    """The extra random operations of the strong view (PASCAL/COCO, ``docs/method.md`` §6)."""
     num_workers: int = 4
     unlabeled_masks: bool = False
-    """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
-    for diagnostics on data that has them; no method trains on them."""
+    """Also load the true masks of the unlabeled images (field ``mask`` of the unlabeled batch,
+    then an ``UnlabeledViewsWithMask``), for diagnostics on data that has them; no method
+    trains on them."""
 
 
 class MethodConfig(_Section):

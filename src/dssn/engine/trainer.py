@@ -142,10 +142,12 @@ class NonFiniteWatch:
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """A loader's batch (tensors in tuples, lists and dicts) on ``device``; images (4-D floats)
-    channels-last if asked."""
+    """A loader's batch (tensors in tuples, NamedTuples, lists and dicts) on ``device``, each
+    NamedTuple keeping its type; images (4-D floats) channels-last if asked."""
     if isinstance(batch, dict):
         return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device, channels_last) for v in batch))
     if isinstance(batch, (list, tuple)):
         return tuple(to_device(v, device, channels_last) for v in batch)
     out = batch.to(device, non_blocking=device.type == "cuda")
@@ -167,7 +169,7 @@ class _Quiet:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (SPEC 3.8)."""
+    """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (``docs/method.md`` §8)."""
     backbone, rest = model.param_groups()
     t = cfg.train
     return torch.optim.SGD(

@@ -13,22 +13,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dssn.data.batch import UnlabeledViews
 from dssn.models import unwrap
 
 
 @dataclass
 class Batch:
-    """One step's data, already on the device.
+    """One step's data, already on the device (``docs/method.md`` §1, §6).
 
-    ``labeled`` is ``(image [B,3,H,W], mask [B,H,W])``. ``unlabeled`` and ``mix``
-    (the independent batch U' that donates CutMix patches) are dicts with the
-    keys ``w, s1, s2, ign, b1, b2`` of SPEC section 3, or None for methods
-    that use labels only.
+    ``unlabeled`` and ``partner`` are None for methods that use labels only.
     """
 
     labeled: tuple[Tensor, Tensor]
-    unlabeled: dict[str, Tensor] | None = None
-    mix: dict[str, Tensor] | None = None
+    """``(image [B,3,H,W], mask [B,H,W])``, the mask 255 where ignored."""
+    unlabeled: UnlabeledViews | None = None
+    """The unlabeled images the step learns from."""
+    partner: UnlabeledViews | None = None
+    """An independent unlabeled batch whose images donate the CutMix patches pasted into
+    ``unlabeled``'s strong views inside ``box1``/``box2``."""
 
 
 class Method(ABC):

@@ -75,29 +75,29 @@ class DSSN(Method):
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg = self.cfg
         x, y = batch.labeled
-        u, u_mix = batch.unlabeled, batch.mix
+        u, u_mix = batch.unlabeled, batch.partner
         n_x = x.shape[0]
 
         # 1. Mix the strong views with the partner image's.
-        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
-        s2 = cutmix(u["s2"], u_mix["s2"], u["b2"])
+        s1 = cutmix(u.strong1, u_mix.strong1, u.box1)
+        s2 = cutmix(u.strong2, u_mix.strong2, u.box2)
 
         # 2. Teacher on both weak views, no gradient.
-        t_mix, t = self.teacher_logits(u_mix["w"], u["w"], step)
+        t_mix, t = self.teacher_logits(u_mix.weak, u.weak, step)
 
         # 3. Mixed teacher logits, pseudo labels and ignore masks.
-        t1 = cutmix(t, t_mix, u["b1"])
-        t2 = cutmix(t, t_mix, u["b2"])
+        t1 = cutmix(t, t_mix, u.box1)
+        t2 = cutmix(t, t_mix, u.box2)
         y1, y2 = t1.argmax(dim=1), t2.argmax(dim=1)
-        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
-        ign2 = cutmix(u["ign"], u_mix["ign"], u["b2"])
+        ign1 = cutmix(u.ignore, u_mix.ignore, u.box1)
+        ign2 = cutmix(u.ignore, u_mix.ignore, u.box2)
 
         # 4. Student on labeled + weak, with the perturbed feature streams, one pass.
         if self.n_perturb:
-            p, (f1, f2) = self.student(torch.cat((x, u["w"])), n_perturb=self.n_perturb)
+            p, (f1, f2) = self.student(torch.cat((x, u.weak)), n_perturb=self.n_perturb)
             f1, f2 = f1[n_x:], f2[n_x:]
         else:
-            p = self.student(torch.cat((x, u["w"])))
+            p = self.student(torch.cat((x, u.weak)))
         p_x, p_w = p[:n_x], p[n_x:].detach()
         y_w = p_w.argmax(dim=1)
 
@@ -114,7 +114,7 @@ class DSSN(Method):
         use_s = cfg.loss_image and step >= self.warmup_steps
         loss_s = (masked_unlabeled_ce(q1, y1, m1, ign1) + masked_unlabeled_ce(q2, y2, m2, ign2)
                   if use_s else zero)
-        loss_fp = (masked_unlabeled_ce(f1, y_w, m_w, u["ign"]) + masked_unlabeled_ce(f2, y_w, m_w, u["ign"])
+        loss_fp = (masked_unlabeled_ce(f1, y_w, m_w, u.ignore) + masked_unlabeled_ce(f2, y_w, m_w, u.ignore)
                    if cfg.loss_feature else zero)
         align_img = contrastive_alignment(q1, q2) if cfg.align_image else zero
         align_feat = contrastive_alignment(f1, f2) if cfg.align_feature else zero
@@ -122,7 +122,7 @@ class DSSN(Method):
         loss = cfg.weight_x * loss_x + cfg.weight_u * (loss_s + loss_fp) + cfg.lambda_c * loss_c
 
         if self.collect_diagnostics:  # only on the steps the engine logs
-            self._diagnostics = self._diagnose(p_w, t, t1, y1, m1, ign1, u["ign"], (q1, q2),
+            self._diagnostics = self._diagnose(p_w, t, t1, y1, m1, ign1, u.ignore, (q1, q2),
                                                (f1, f2) if self.n_perturb else None)
         return {
             "loss": loss,
@@ -131,7 +131,7 @@ class DSSN(Method):
             "fp": loss_fp.detach(),
             "c_img": align_img.detach(),
             "c_feat": align_feat.detach(),
-            "selected_w": _selected_fraction(m_w, u["ign"]),
+            "selected_w": _selected_fraction(m_w, u.ignore),
             "selected_t": _selected_fraction(m1, ign1),
         }
 

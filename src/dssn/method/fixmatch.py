@@ -22,22 +22,22 @@ class FixMatch(Method):
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         x, y = batch.labeled
-        u, u_mix = batch.unlabeled, batch.mix
+        u, u_mix = batch.unlabeled, batch.partner
         n_x = x.shape[0]
 
         # The donor's prediction: student in eval mode, no gradient.
-        logits_mix = eval_mode_logits(self.student_net, u_mix["w"])
+        logits_mix = eval_mode_logits(self.student_net, u_mix.weak)
         conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
 
-        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
-        p = self.student(torch.cat((x, u["w"])))
+        s1 = cutmix(u.strong1, u_mix.strong1, u.box1)
+        p = self.student(torch.cat((x, u.weak)))
         p_x, p_w = p[:n_x], p[n_x:].detach()
         q1 = self.student(s1)
 
         conf_w, y_w = p_w.softmax(dim=1).max(dim=1)
-        conf1 = cutmix(conf_w, conf_mix, u["b1"])
-        y1 = cutmix(y_w, y_mix, u["b1"])
-        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
+        conf1 = cutmix(conf_w, conf_mix, u.box1)
+        y1 = cutmix(y_w, y_mix, u.box1)
+        ign1 = cutmix(u.ignore, u_mix.ignore, u.box1)
 
         loss_x = labeled_loss(p_x, y, self.train_cfg.labeled_loss,
                               self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
@@ -46,7 +46,7 @@ class FixMatch(Method):
         loss_u = (F.cross_entropy(q1, y1, reduction="none") * selected).sum() / valid.sum().clamp_min(1)
         loss = (loss_x + loss_u) / 2
         if self.collect_diagnostics:  # only on the steps the engine logs
-            self._diagnostics = self._diagnose(cutmix(p_w, logits_mix, u["b1"]), y1, selected, ign1)
+            self._diagnostics = self._diagnose(cutmix(p_w, logits_mix, u.box1), y1, selected, ign1)
         return {
             "loss": loss,
             "x": loss_x.detach(),
