@@ -1,14 +1,14 @@
 """Speed of the DSSN training step and of sliding-window evaluation: ours against a plain version.
 
 Times the full training step (forward, backward, SGD, EMA) on one fixed random batch, so that
-data loading does not blur the numbers, for two implementations of SPEC section 3:
+data loading does not blur the numbers, for two implementations of ``docs/method.md`` §3:
 
 - ``fast``: the engine's own step (``dssn.engine.trainer.optimizer_step`` on the DSSN method):
   batched decoder streams, the teacher under inference mode (one batched pass where
   ``teacher_bn=running`` makes it exact), a fused multi-tensor EMA, no host synchronisation, and
   the speed switches of ``train.*`` (``--precision``, ``--channels-last``, ``--compile``,
   ``--checkpoint-backbone``);
-- ``plain``: SPEC 3 as research code writes it: separate teacher passes under ``no_grad``, masks
+- ``plain``: §3 as research code writes it: separate teacher passes under ``no_grad``, masks
   built with Python loops over classes, the EMA as a loop over state-dict entries, float32,
   every loss read back with ``.item()`` at every step.
 
@@ -52,7 +52,7 @@ GPU_PEAKS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156
              "L4": (121.0, 60.0), "4090": (165.0, 82.6), "A10": (125.0, 62.5), "V100": (125.0, 15.7)}
 
 
-# ---- the plain step: SPEC 3 the way research code writes it ----------------------------------
+# ---- the plain step: docs/method.md §3 the way research code writes it -----------------------
 def plain_cplg(logits, tau_low, ratio):
     prob = logits.softmax(1)
     mask = torch.zeros(prob.shape[0], *prob.shape[2:], dtype=torch.bool, device=prob.device)
@@ -86,17 +86,17 @@ def plain_align(a, b):
 def plain_step(student, teacher, optimizer, batch: Batch, step: int, cfg) -> dict[str, float]:
     m = cfg.method
     x, y = batch.labeled
-    u, um = batch.unlabeled, batch.mix
-    s1, s2 = plain_paste(u["s1"], um["s1"], u["b1"]), plain_paste(u["s2"], um["s2"], u["b2"])
+    u, um = batch.unlabeled, batch.partner
+    s1, s2 = plain_paste(u.strong1, um.strong1, u.box1), plain_paste(u.strong2, um.strong2, u.box2)
     with torch.no_grad():
         teacher.train()
-        t_mix = teacher(um["w"]).detach()
-        t = teacher(u["w"]).detach()
-    t1, t2 = plain_paste(t, t_mix, u["b1"]), plain_paste(t, t_mix, u["b2"])
-    ign1, ign2 = plain_paste(u["ign"], um["ign"], u["b1"]), plain_paste(u["ign"], um["ign"], u["b2"])
+        t_mix = teacher(um.weak).detach()
+        t = teacher(u.weak).detach()
+    t1, t2 = plain_paste(t, t_mix, u.box1), plain_paste(t, t_mix, u.box2)
+    ign1, ign2 = plain_paste(u.ignore, um.ignore, u.box1), plain_paste(u.ignore, um.ignore, u.box2)
     student.train()
     n = x.shape[0]
-    p, (f1, f2) = student(torch.cat((x, u["w"])), n_perturb=2)
+    p, (f1, f2) = student(torch.cat((x, u.weak)), n_perturb=2)
     p_x, p_w, f1, f2 = p[:n], p[n:].detach(), f1[n:], f2[n:]
     q1, q2 = student(torch.cat((s1, s2))).chunk(2)
     l_x = F.cross_entropy(p_x, y, ignore_index=IGNORE)
@@ -104,7 +104,7 @@ def plain_step(student, teacher, optimizer, batch: Batch, step: int, cfg) -> dic
            + plain_ceu(q2, t2.argmax(1), plain_cplg(t2, m.tau_low, m.ratio), ign2))
     m_w = plain_cplg(p_w, m.tau_low, m.ratio)
     y_w = p_w.argmax(1)
-    l_fp = plain_ceu(f1, y_w, m_w, u["ign"]) + plain_ceu(f2, y_w, m_w, u["ign"])
+    l_fp = plain_ceu(f1, y_w, m_w, u.ignore) + plain_ceu(f2, y_w, m_w, u.ignore)
     c_img, c_feat = plain_align(q1, q2), plain_align(f1, f2)
     loss = m.weight_x * l_x + m.weight_u * (l_s + l_fp) + m.lambda_c * (c_img + c_feat)
     optimizer.zero_grad()
@@ -155,7 +155,7 @@ def run_variant(args) -> dict:
     parts = build_training(cfg, device, iters_per_epoch=100)
     method = parts.method
     b = make_batch(args.batch, args.crop, cfg.data.num_classes)
-    batch = Batch(*to_device((b.labeled, b.unlabeled, b.mix), device, parts.channels_last))
+    batch = Batch(*to_device((b.labeled, b.unlabeled, b.partner), device, parts.channels_last))
     student, teacher = method.student_net, method.teacher
     with torch.no_grad():  # confident predictions: CPLG selects pixels, so every loss term is non-zero
         student.classifier.weight.mul_(args.confidence)
@@ -268,7 +268,7 @@ def main() -> None:
           f"{args.precision}, channels_last={args.channels_last}, compile={args.compile}, "
           f"checkpoint_backbone={args.checkpoint_backbone}, teacher_bn={args.teacher_bn}")
     results = {v: spawn(v, argv) for v in ("plain", "fast")}
-    images = 3 * args.batch  # labeled + unlabeled + the CutMix donors
+    images = 3 * args.batch  # labeled + unlabeled + the CutMix partners
     for v in ("plain", "fast"):
         r = results[v]
         ms = statistics.median(r["step_ms"])

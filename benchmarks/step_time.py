@@ -25,19 +25,20 @@ import torch
 
 import dssn
 from dssn.config import load_config
+from dssn.data.batch import UnlabeledViews
 from dssn.method import Batch, build_method
 
 
 def make_batch(n: int, size: int, classes: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
 
-    def unlabeled():
-        ign = torch.zeros(n, size, size, dtype=torch.long)
-        ign[:, :, -size // 8:] = 255
+    def unlabeled() -> UnlabeledViews:
+        ignore = torch.zeros(n, size, size, dtype=torch.long)
+        ignore[:, :, -size // 8:] = 255
         box = torch.zeros(n, size, size, dtype=torch.bool)
         box[:, size // 8: size // 2, size // 4: 3 * size // 4] = True
-        return {"w": torch.randn(n, 3, size, size, generator=g), "s1": torch.randn(n, 3, size, size, generator=g),
-                "s2": torch.randn(n, 3, size, size, generator=g), "ign": ign, "b1": box, "b2": box.flip(-1)}
+        weak, strong1, strong2 = (torch.randn(n, 3, size, size, generator=g) for _ in range(3))
+        return UnlabeledViews(weak, strong1, strong2, ignore=ignore, box1=box, box2=box.flip(-1))
 
     y = torch.randint(0, classes, (n, size, size), generator=g)
     return Batch((torch.randn(n, 3, size, size, generator=g), y), unlabeled(), unlabeled())

@@ -1,4 +1,4 @@
-"""The DSSN building blocks against hand-computed values (SPEC sections 3 and 4)."""
+"""The DSSN building blocks against hand-computed values (docs/method.md §3, §4)."""
 
 import math
 

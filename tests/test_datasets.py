@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dssn.data.batch import UnlabeledViews
 from dssn.data.datasets import SegmentationDataset, SplitFileError, read_split
 
 REFERENCE_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "splits"
@@ -119,14 +120,14 @@ def test_train_l_shapes_and_padding_is_ignore(voc: Path):
     assert torch.allclose(image[:, -1, -1], zero, atol=1e-6)
 
 
-def test_train_u_views_and_ign_marks_padding(voc: Path):
+def test_train_u_views_and_ignore_marks_padding(voc: Path):
     crop = 100  # > 2 x 40, so padding always happens
     ds = SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=crop, strong_ops=True)
     sample = ds[2]
-    assert set(sample) == {"w", "s1", "s2", "ign", "b1", "b2"}
-    for key in ("w", "s1", "s2"):
-        assert sample[key].shape == (3, crop, crop) and sample[key].dtype == torch.float32
-    ign = sample["ign"]
+    assert type(sample) is UnlabeledViews
+    for view in (sample.weak, sample.strong1, sample.strong2):
+        assert view.shape == (3, crop, crop) and view.dtype == torch.float32
+    ign = sample.ignore
     assert ign.shape == (crop, crop) and ign.dtype == torch.long
     assert set(ign.unique().tolist()) == {0, 255}
     assert (ign[-1] == 255).all()  # the bottom row is padding (rescaled height <= 60)
@@ -135,23 +136,23 @@ def test_train_u_views_and_ign_marks_padding(voc: Path):
     rows, cols = image_area.any(1).nonzero().flatten(), image_area.any(0).nonzero().flatten()
     assert rows[0] == 0 and (cols[0] == 0 or cols[-1] == crop - 1)
     assert int(image_area.sum()) == int((rows[-1] + 1) * (cols[-1] - cols[0] + 1))
-    # the image content sits exactly where ign is 0: padded pixels of w are zeros
+    # the image content sits exactly where ignore is 0: padded pixels of the weak view are zeros
     zero = (-torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])).view(3, 1)
-    assert torch.allclose(sample["w"][:, ~image_area], zero.expand(3, int((~image_area).sum())), atol=1e-6)
-    for key in ("b1", "b2"):
-        assert sample[key].shape == (crop, crop) and sample[key].dtype == torch.bool
+    assert torch.allclose(sample.weak[:, ~image_area], zero.expand(3, int((~image_area).sum())), atol=1e-6)
+    for box in (sample.box1, sample.box2):
+        assert box.shape == (crop, crop) and box.dtype == torch.bool
 
 
 def test_train_u_without_padding_has_no_ignore(voc: Path):
     ds = SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=8, strong_ops=False)
     for i in range(3):
-        assert (ds[i]["ign"] == 0).all()  # 8 < 0.5 x 30 = 15, so never padded
+        assert (ds[i].ignore == 0).all()  # 8 < 0.5 x 30 = 15, so never padded
 
 
 def test_strong_views_are_independent(voc: Path):
     torch.manual_seed(0)
     ds = SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=16)
-    differ = sum(not torch.equal(s["s1"], s["s2"]) for s in (ds[0] for _ in range(5)))
+    differ = sum(not torch.equal(s.strong1, s.strong2) for s in (ds[0] for _ in range(5)))
     assert differ >= 4
 
 
@@ -217,5 +218,5 @@ def test_works_in_a_dataloader_with_workers(voc: Path):
     ds = SegmentationDataset(voc, voc / "unlabeled.txt", "train_u", crop_size=16, length=4)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     batches = list(loader)
-    assert len(batches) == 2 and batches[0]["w"].shape == (2, 3, 16, 16)
-    assert batches[0]["b1"].dtype == torch.bool
+    assert len(batches) == 2 and type(batches[0]) is UnlabeledViews  # default_collate keeps the type
+    assert batches[0].weak.shape == (2, 3, 16, 16) and batches[0].box1.dtype == torch.bool

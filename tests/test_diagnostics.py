@@ -8,6 +8,7 @@ import torch
 
 import dssn
 from dssn.config import load_config
+from dssn.data.batch import UnlabeledViews
 from dssn.method import Batch, build_method
 from dssn.method.diagnostics import (
     HealthRules,
@@ -184,8 +185,8 @@ def make_batch(seed=0, n=2, size=32):
         ign[:, :, -5:] = 255
         box = torch.zeros(n, size, size, dtype=torch.bool)
         box[0, 4:20, 8:30] = True
-        return {"w": torch.randn(n, 3, size, size, generator=g), "s1": torch.randn(n, 3, size, size, generator=g),
-                "s2": torch.randn(n, 3, size, size, generator=g), "ign": ign, "b1": box, "b2": box.flip(-1)}
+        weak, strong1, strong2 = (torch.randn(n, 3, size, size, generator=g) for _ in range(3))
+        return UnlabeledViews(weak, strong1, strong2, ignore=ign, box1=box, box2=box.flip(-1))
 
     y = torch.randint(0, N_CLASSES, (n, size, size), generator=g)
     return Batch((torch.randn(n, 3, size, size, generator=g), y), unlabeled(), unlabeled())

@@ -1,4 +1,4 @@
-"""The DSSN step against a literal, research-code style reading of SPEC section 3, and the baselines."""
+"""The DSSN step against a literal, research-code style reading of docs/method.md §3, and the baselines."""
 
 import copy
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import dssn
 from dssn.config import load_config
+from dssn.data.batch import UnlabeledViews
 from dssn.method import Batch, build_method
 
 N_CLASSES = 4
@@ -21,8 +22,8 @@ def make_batch(seed=0, n=2, size=32):
         ign[:, :, -5:] = 255  # padding on the right
         box = torch.zeros(n, size, size, dtype=torch.bool)
         box[0, 4:20, 8:30] = True  # the second image draws no box
-        return {"w": torch.randn(n, 3, size, size, generator=g), "s1": torch.randn(n, 3, size, size, generator=g),
-                "s2": torch.randn(n, 3, size, size, generator=g), "ign": ign, "b1": box, "b2": box.flip(-1)}
+        weak, strong1, strong2 = (torch.randn(n, 3, size, size, generator=g) for _ in range(3))
+        return UnlabeledViews(weak, strong1, strong2, ignore=ign, box1=box, box2=box.flip(-1))
 
     y = torch.randint(0, N_CLASSES, (n, size, size), generator=g)
     y[:, 0] = 255
@@ -32,7 +33,7 @@ def make_batch(seed=0, n=2, size=32):
 def make_method(*overrides):
     cfg = load_config("synthetic", ["model.backbone=resnet18", "model.decoder_channels=16",
                                     f"data.num_classes={N_CLASSES}", "method.name=dssn",
-                                    "method.teacher_bn=batch", *overrides])  # SPEC's default, not the preset's
+                                    "method.teacher_bn=batch", *overrides])  # the doc's default, not the preset's
     torch.manual_seed(0)
     student = dssn.DeepLabV3Plus(N_CLASSES, backbone="resnet18", decoder_channels=16)
     with torch.no_grad():  # confident predictions, so that CPLG selects pixels
@@ -47,9 +48,9 @@ def make_method(*overrides):
 
 
 def literal_step(student, teacher, batch, step, tau_low=0.92, ratio=0.96, warmup=1):
-    """SPEC 3 as research code writes it: masks by indexing, loops, separate passes."""
+    """docs/method.md §3 as research code writes it: masks by indexing, loops, separate passes."""
     x, y = batch.labeled
-    u, um = batch.unlabeled, batch.mix
+    u, um = batch.unlabeled, batch.partner
 
     def paste(base, donor, box):
         out = base.clone()
@@ -77,15 +78,15 @@ def literal_step(student, teacher, batch, step, tau_low=0.92, ratio=0.96, warmup
     def align(a, b):
         return ((standard(a) - standard(b)) ** 2).mean()
 
-    s1, s2 = paste(u["s1"], um["s1"], u["b1"]), paste(u["s2"], um["s2"], u["b2"])
+    s1, s2 = paste(u.strong1, um.strong1, u.box1), paste(u.strong2, um.strong2, u.box2)
     with torch.no_grad():
         teacher.train()
-        t_mix = teacher(um["w"])
-        t = teacher(u["w"])
-    t1, t2 = paste(t, t_mix, u["b1"]), paste(t, t_mix, u["b2"])
-    ign1, ign2 = paste(u["ign"], um["ign"], u["b1"]), paste(u["ign"], um["ign"], u["b2"])
+        t_mix = teacher(um.weak)
+        t = teacher(u.weak)
+    t1, t2 = paste(t, t_mix, u.box1), paste(t, t_mix, u.box2)
+    ign1, ign2 = paste(u.ignore, um.ignore, u.box1), paste(u.ignore, um.ignore, u.box2)
     student.train()
-    p, (f1, f2) = student(torch.cat((x, u["w"])), n_perturb=2)
+    p, (f1, f2) = student(torch.cat((x, u.weak)), n_perturb=2)
     n = x.shape[0]
     p_x, p_w, f1, f2 = p[:n], p[n:].detach(), f1[n:], f2[n:]
     q1, q2 = student(torch.cat((s1, s2))).chunk(2)
@@ -95,7 +96,7 @@ def literal_step(student, teacher, batch, step, tau_low=0.92, ratio=0.96, warmup
     if step < warmup:
         l_s = torch.zeros(())
     m_w = cplg(p_w)
-    l_fp = ceu(f1, y_w, m_w, u["ign"]) + ceu(f2, y_w, m_w, u["ign"])
+    l_fp = ceu(f1, y_w, m_w, u.ignore) + ceu(f2, y_w, m_w, u.ignore)
     l_c = align(q1, q2) + align(f1, f2)
     return {"loss": 0.5 * l_x + 0.125 * (l_s + l_fp) + 0.005 * l_c, "x": l_x, "s": l_s, "fp": l_fp,
             "c_img": align(q1, q2), "c_feat": align(f1, f2)}
@@ -105,8 +106,8 @@ def channels_last(batch):
     def cl(t):
         return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
-    return Batch(tuple(cl(t) for t in batch.labeled), {k: cl(v) for k, v in batch.unlabeled.items()},
-                 {k: cl(v) for k, v in batch.mix.items()})
+    return Batch(tuple(cl(t) for t in batch.labeled), UnlabeledViews(*map(cl, batch.unlabeled)),
+                 UnlabeledViews(*map(cl, batch.partner)))
 
 
 @pytest.mark.parametrize("step,speed", [(0, None), (3, None), (3, "channels_last"), (3, "checkpoint_backbone")])
@@ -161,11 +162,11 @@ def test_teacher_bn_running_uses_running_statistics():
     method, _ = make_method("method.teacher_bn=running")
     before = [b.clone() for b in method.teacher.buffers()]
     batch = make_batch()
-    t_mix, t = method.teacher_logits(batch.mix["w"], batch.unlabeled["w"], step=0)
+    t_mix, t = method.teacher_logits(batch.partner.weak, batch.unlabeled.weak, step=0)
     assert all(torch.equal(a, b) for a, b in zip(before, method.teacher.buffers()))
     method.teacher.eval()
     with torch.no_grad():
-        assert torch.allclose(t, method.teacher(batch.unlabeled["w"]), atol=1e-5)
+        assert torch.allclose(t, method.teacher(batch.unlabeled.weak), atol=1e-5)
 
 
 def test_teacher_is_a_copy_after_first_step_then_an_ema():

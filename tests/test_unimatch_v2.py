@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dssn.config import load_config
+from dssn.data.batch import UnlabeledViews
 from dssn.engine import trainer as trainer_module
 from dssn.engine.trainer import train
 from dssn.method import Batch, UniMatchV2, build_method
@@ -63,10 +64,10 @@ def make_batch(n_labeled: int = 2, n_unlabeled: int = 4, size: int = 12, seed: i
     box2 = torch.zeros_like(box1)
     box2[0, 6:12, 3:10] = True
     box2[2, 1:7, 1:7] = True
-    unlabeled = {"w": torch.randn(n_unlabeled, 3, size, size, generator=g),
-                 "s1": torch.randn(n_unlabeled, 3, size, size, generator=g),
-                 "s2": torch.randn(n_unlabeled, 3, size, size, generator=g),
-                 "ign": ign, "b1": box1, "b2": box2}
+    unlabeled = UnlabeledViews(weak=torch.randn(n_unlabeled, 3, size, size, generator=g),
+                               strong1=torch.randn(n_unlabeled, 3, size, size, generator=g),
+                               strong2=torch.randn(n_unlabeled, 3, size, size, generator=g),
+                               ignore=ign, box1=box1, box2=box2)
     y = torch.randint(0, N_CLASSES, (n_labeled, size, size), generator=g)
     y[:, 0] = 255
     return Batch((torch.randn(n_labeled, 3, size, size, generator=g), y), unlabeled)
@@ -92,11 +93,11 @@ def literal_step(student: nn.Module, teacher: nn.Module, batch: Batch, threshold
     """The rules as research code writes them: loops over images, masks by indexing."""
     x, y = batch.labeled
     u = batch.unlabeled
-    n = u["w"].shape[0]
+    n = u.weak.shape[0]
 
     teacher.eval()
     with torch.no_grad():
-        t = teacher(u["w"])
+        t = teacher(u.weak)
         conf = t.softmax(dim=1).max(dim=1)[0]
         label = t.argmax(dim=1)
 
@@ -109,18 +110,18 @@ def literal_step(student: nn.Module, teacher: nn.Module, batch: Batch, threshold
                 out[i][box[i]] = values[n - 1 - i][box[i]]
         return out
 
-    s1, s2 = paste(u["s1"], u["b1"]), paste(u["s2"], u["b2"])
+    s1, s2 = paste(u.strong1, u.box1), paste(u.strong2, u.box2)
     student.train()
     p_x = student(x)
     q1, q2 = student(torch.cat((s1, s2)), comp_drop=True).chunk(2)
 
     def l_u(q, box):
-        lab, cf, ign = paste(label, box), paste(conf, box), paste(u["ign"], box)
+        lab, cf, ign = paste(label, box), paste(conf, box), paste(u.ignore, box)
         ce = F.cross_entropy(q, lab, reduction="none")
         return (ce * ((cf >= threshold) & (ign != 255))).sum() / (ign != 255).sum()
 
     l_x = F.cross_entropy(p_x, y, ignore_index=255)
-    u1, u2 = l_u(q1, u["b1"]), l_u(q2, u["b2"])
+    u1, u2 = l_u(q1, u.box1), l_u(q2, u.box2)
     return {"loss": (l_x + (u1 + u2) / 2) / 2, "x": l_x, "u": (u1 + u2) / 2, "u1": u1, "u2": u2}
 
 
@@ -226,7 +227,7 @@ def test_hooks_pseudo_labels_eval_models_and_weights():
     assert method.student.training and not method.teacher.training
     assert set(method.eval_models()) == {"student", "teacher"} == set(method.modules())
     assert method.loss_weights() == {"x": 0.5, "u": 0.5}
-    weak = make_batch().unlabeled["w"]
+    weak = make_batch().unlabeled.weak
     state = copy.deepcopy(method.teacher.state_dict())
     logits, selected = method.pseudo_labels(weak)
     assert logits.shape == (4, N_CLASSES, 12, 12) and selected.dtype == torch.bool
@@ -241,13 +242,13 @@ def test_hooks_pseudo_labels_eval_models_and_weights():
 
 @pytest.mark.parametrize("model", ["test-local", "deeplabv3plus"])
 def test_engine_loads_no_partner_stream(data_root, tmp_path, monkeypatch, model):
-    """Two training steps through the engine: a single unlabeled stream, ``Batch.mix`` is None;
+    """Two training steps through the engine: a single unlabeled stream, ``Batch.partner`` is None;
     with this file's network and with the preset's DeepLabV3+ (its own comp_drop)."""
     seen = []
     step = UniMatchV2.training_step
 
     def spy(self, batch, step_index):
-        seen.append(batch.mix)
+        seen.append(batch.partner)
         return step(self, batch, step_index)
 
     monkeypatch.setattr(UniMatchV2, "training_step", spy)

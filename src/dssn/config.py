@@ -79,7 +79,7 @@ class DataConfig(_Section):
     val_split: str | None = "splits/val.txt"
     crop_size: int = 513
     strong_ops: bool = True
-    """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
+    """The extra random operations of the strong view (PASCAL/COCO, ``docs/method.md`` §6)."""
     num_workers: int = 4
     ade20k_masks: Literal["raw", "mapped"] = "raw"
     """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class

@@ -1,4 +1,4 @@
-"""Split files, image/mask decoding and the segmentation dataset behind every preset (SPEC 5.1, 5.2).
+"""Split files, image/mask decoding and the segmentation dataset behind every preset (``docs/method.md`` §6, §8).
 
 Split files follow the authors' format: one ``image_path mask_path`` pair per line,
 relative to the dataset root; unlabeled lines may carry only the image path. The same
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dssn.data.batch import UnlabeledViews
 from dssn.data.transforms import (
     cutmix_box,
     hflip,
@@ -43,7 +44,7 @@ RGB = tuple[int, int, int]
 IGNORE_INDEX = 255
 # Fill for the mask cropped with unlabeled images (an all-zero dummy, or the true mask
 # when asked for): any value that is neither a class id nor 255 works; padded pixels
-# become IGNORE_INDEX in ``ign``.
+# become IGNORE_INDEX in ``ignore``.
 _PAD_MARKER = 254
 
 
@@ -335,14 +336,14 @@ class SegmentationDataset(Dataset):
         size; ``name`` is the image path as written in the split file.
       - ``"train_l"``: ``(image [3,c,c], mask [c,c] long)``: resize_long_side ->
         pad_crop (mask padding 255) -> hflip.
-      - ``"train_u"``: dict with the weak view ``w``, two independent strong views
-        ``s1``/``s2`` (each [3,c,c]), ``ign`` (long [c,c], 255 where the crop padded the
-        image, 0 elsewhere) and CutMix boxes ``b1``/``b2`` (bool [c,c]). Masks in the
-        split file are not read.
+      - ``"train_u"``: ``UnlabeledViews``: the weak view, two independent strong views
+        (each [3,c,c]), ``ignore`` (long [c,c], 255 where the crop padded the image, 0
+        elsewhere) and the CutMix boxes ``box1``/``box2`` (bool [c,c]). Masks in the split
+        file are not read.
 
     ``split_file``: a split file path, or a ``Split`` already listed (e.g. from a folder).
     ``length``: if larger than the split, the list is cycled up to it (the labeled set
-    is repeated to the unlabeled set's length, SPEC 5.1); otherwise it has no effect.
+    is repeated to the unlabeled set's length, ``docs/method.md`` §8); otherwise it has no effect.
     ``decoder``: how masks become class ids (default: single-channel index masks as is).
     Images of any mode (grayscale, 16-bit, RGBA) are read as RGB.
     """
@@ -397,7 +398,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(
         self, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor, str] | tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, str] | tuple[torch.Tensor, torch.Tensor] | UnlabeledViews:
         entry = self.entries[index % len(self.entries)]
         try:
             read_mask = self.mode != "train_u"
@@ -416,7 +417,7 @@ class SegmentationDataset(Dataset):
         img, mask = hflip(img, mask, rng=rng)
         return to_tensor_normalized(img), mask_to_tensor(mask)
 
-    def _unlabeled_views(self, img: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+    def _unlabeled_views(self, img: Image.Image, rng: random.Random) -> UnlabeledViews:
         # The unlabeled mask is unknown: crop an all-zero dummy alongside the image so
         # the padded area can be found afterwards.
         companion = Image.new("L", img.size, 0)
@@ -424,18 +425,19 @@ class SegmentationDataset(Dataset):
         img, companion = pad_crop(img, companion, self.crop_size, _PAD_MARKER, rng=rng)
         img, companion = hflip(img, companion, rng=rng)
 
-        s1 = strong_view(img, self.strong_ops, rng=rng)
-        b1 = cutmix_box(self.crop_size, rng=rng)
-        s2 = strong_view(img, self.strong_ops, rng=rng)
-        b2 = cutmix_box(self.crop_size, rng=rng)
+        # Draw order is part of the reproducible stream: view, box, view, box.
+        strong1 = strong_view(img, self.strong_ops, rng=rng)
+        box1 = cutmix_box(self.crop_size, rng=rng)
+        strong2 = strong_view(img, self.strong_ops, rng=rng)
+        box2 = cutmix_box(self.crop_size, rng=rng)
 
         padded = np.asarray(companion) == _PAD_MARKER
-        ign = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
-        return {
-            "w": to_tensor_normalized(img),
-            "s1": to_tensor_normalized(s1),
-            "s2": to_tensor_normalized(s2),
-            "ign": ign,
-            "b1": b1,
-            "b2": b2,
-        }
+        ignore = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
+        return UnlabeledViews(
+            weak=to_tensor_normalized(img),
+            strong1=to_tensor_normalized(strong1),
+            strong2=to_tensor_normalized(strong2),
+            ignore=ignore,
+            box1=box1,
+            box2=box2,
+        )

@@ -91,8 +91,8 @@ class TrainingMonitor:
         self.method.collect_diagnostics = self.cfg.diag.enabled and logged
         want = self.cfg.diag.panels
         if want and batch.unlabeled is not None and sum(len(w) for w, _ in self.unlabeled_views) < want:
-            u = batch.unlabeled
-            self.unlabeled_views.append((u["w"].detach().clone(), u["ign"].detach().clone()))
+            views = batch.unlabeled
+            self.unlabeled_views.append((views.weak.detach().clone(), views.ignore.detach().clone()))
 
     def on_log(self, step: int, scalars: dict[str, float]) -> None:
         """Adds ``img_s`` and ``lr_head`` to ``scalars`` (logged with the losses), logs the diagnostics."""

@@ -69,10 +69,12 @@ def set_deterministic(enabled: bool) -> None:
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """A loader's batch (tensors in tuples, lists and dicts) on ``device``; images (4-D floats)
-    channels-last if asked."""
+    """A loader's batch (tensors in tuples, NamedTuples, lists and dicts) on ``device``, each
+    NamedTuple keeping its type; images (4-D floats) channels-last if asked."""
     if isinstance(batch, dict):
         return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device, channels_last) for v in batch))
     if isinstance(batch, (list, tuple)):
         return tuple(to_device(v, device, channels_last) for v in batch)
     out = batch.to(device, non_blocking=device.type == "cuda")

@@ -13,23 +13,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dssn.data.batch import UnlabeledViews
 from dssn.models import unwrap
 
 
 @dataclass
 class Batch:
-    """One step's data, already on the device.
+    """One step's data, already on the device (``docs/method.md`` §1, §6).
 
-    ``labeled`` is ``(image [B,3,H,W], mask [B,H,W])``. ``unlabeled`` and ``mix``
-    (the independent batch U' that donates CutMix patches) are dicts with the
-    keys ``w, s1, s2, ign, b1, b2`` of SPEC section 3, or None for methods
-    that use labels only; ``mix`` is also None for methods that take CutMix partners
-    from ``unlabeled`` itself (``Method.uses_partner_batch``).
+    ``unlabeled`` and ``partner`` are None for methods that use labels only; ``partner`` is
+    also None for methods that take CutMix partners from ``unlabeled`` itself
+    (``Method.uses_partner_batch``).
     """
 
     labeled: tuple[Tensor, Tensor]
-    unlabeled: dict[str, Tensor] | None = None
-    mix: dict[str, Tensor] | None = None
+    """``(image [B,3,H,W], mask [B,H,W])``, the mask 255 where ignored."""
+    unlabeled: UnlabeledViews | None = None
+    """The unlabeled images the step learns from."""
+    partner: UnlabeledViews | None = None
+    """An independent unlabeled batch whose images donate the CutMix patches pasted into
+    ``unlabeled``'s strong views inside ``box1``/``box2``."""
 
 
 class Method(ABC):
@@ -38,7 +41,7 @@ class Method(ABC):
     name: str = "method"
     uses_unlabeled: bool = True
     uses_partner_batch: bool = True
-    """Whether the step reads ``Batch.mix``; without it the engine loads one unlabeled stream."""
+    """Whether the step reads ``Batch.partner``; without it the engine loads one unlabeled stream."""
     collect_diagnostics: bool = False
     """Set by the engine on the steps it will log: the step then also stores its
     diagnostics (``method/diagnostics.py``) for ``pop_diagnostics``; other steps pay nothing."""

@@ -1,4 +1,4 @@
-"""The small pieces a semi-supervised step is built from (SPEC sections 3 and 4).
+"""The small pieces a semi-supervised step is built from (``docs/method.md`` §3, §4).
 
 Each function is pure tensor code with its own tests; ``dssn.py``,
 ``fixmatch.py`` and ``supervised.py`` combine them.
@@ -14,7 +14,7 @@ IGNORE = 255
 
 
 def cplg_mask(logits: Tensor, tau_low: float = 0.92, ratio: float = 0.96) -> Tensor:
-    """Class-aware pseudo-label selection (SPEC 4): bool ``[B, H, W]``.
+    """Class-aware pseudo-label selection (``docs/method.md`` §4.1): bool ``[B, H, W]``.
 
     Each class's threshold is ``ratio`` times its own best probability in the
     image, so rarer, less confident classes still contribute their top pixels;
@@ -34,12 +34,12 @@ def threshold_mask(logits: Tensor, threshold: float) -> Tensor:
 def standardize(logits: Tensor, eps: float = 1e-6) -> Tensor:
     """Per-pixel standardisation over the class dimension (unbiased std)."""
     mean = logits.mean(dim=1, keepdim=True)
-    std = logits.std(dim=1, keepdim=True)  # unbiased, as SPEC 4 states
+    std = logits.std(dim=1, keepdim=True)  # unbiased, as docs/method.md §4.2 states
     return (logits - mean) / std.clamp_min(eps)  # eps only guards constant vectors
 
 
 def contrastive_alignment(a: Tensor, b: Tensor) -> Tensor:
-    """Pixel-wise alignment of positive pairs with a Gaussian similarity (SPEC 4).
+    """Pixel-wise alignment of positive pairs with a Gaussian similarity (``docs/method.md`` §4.2).
 
     ``-log exp(-||z_a - z_b||^2 / 2 sigma^2)`` reduces to the squared distance of the
     standardised logits; its constant factor is folded into ``lambda_c``.
@@ -49,7 +49,7 @@ def contrastive_alignment(a: Tensor, b: Tensor) -> Tensor:
 
 
 def masked_unlabeled_ce(logits: Tensor, target: Tensor, selected: Tensor, ignore: Tensor) -> Tensor:
-    """``CEu`` of SPEC 3.7: normalised by all valid pixels, not by the selected ones."""
+    """``CEu`` of ``docs/method.md`` §3 step 7: normalised by all valid pixels, not by the selected ones."""
     pixel_loss = F.cross_entropy(logits, target, reduction="none")
     valid = ignore != IGNORE
     return (pixel_loss * (selected & valid)).sum() / valid.sum().clamp_min(1)
@@ -66,7 +66,7 @@ def cutmix(base: Tensor, donor: Tensor, box: Tensor) -> Tensor:
 
 
 def ohem_ce(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000) -> Tensor:
-    """Online hard example mining CE (SPEC 5.2), over the whole batch.
+    """Online hard example mining CE (``docs/method.md`` §8), over the whole batch.
 
     Keeps the valid pixels whose probability of the true class is at most
     ``max(thresh, the min_kept-th smallest such probability)``.
@@ -112,7 +112,7 @@ def ema_momentum_at(step: int, rule: str, momentum: float) -> float:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``T = a*T + (1-a)*S`` over parameters and floating-point buffers (SPEC 3.9).
+    """``T = a*T + (1-a)*S`` over parameters and floating-point buffers (``docs/method.md`` §3 step 9).
 
     Integer buffers (BN's ``num_batches_tracked``) are copied. ``momentum=0``
     makes the teacher an exact copy, as on the very first step. The update is

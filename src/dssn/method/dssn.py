@@ -1,6 +1,16 @@
-"""DSSN: one training step, SPEC section 3, top to bottom.
+"""DSSN: one training step, ``docs/method.md`` §3, top to bottom.
 
-The numbered comments are SPEC 3's steps; the helpers are in ``components.py``.
+A step sees a labeled batch, an unlabeled batch and its partner: a second, independent
+unlabeled batch whose images are pasted into the CutMix boxes of the unlabeled strong views.
+The student learns at two levels, each with class-aware pseudo-label selection (CPLG, §4.1):
+
+- image level: on the two mixed strong views, from the EMA teacher's pseudo labels, mixed
+  the same way;
+- feature level: on two perturbed feature streams of the weak view, from the student's own
+  prediction on the clean stream;
+
+and the two strong views and the two feature streams are pulled towards each other (§4.2).
+The numbered comments are §3's steps; the pieces are in ``components.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from dssn.method.components import (
     contrastive_alignment,
     cplg_mask,
     cutmix,
+    ema_momentum_at,
     ema_update,
     eval_mode_logits,
     labeled_loss,
@@ -51,6 +62,7 @@ class DSSN(Method):
         self._diag_generator: torch.Generator | None = None
 
     def select(self, logits: Tensor) -> Tensor:
+        """The pixels whose pseudo labels are trained on: CPLG or a fixed confidence threshold."""
         if self.cfg.selection == "cplg":
             return cplg_mask(logits, self.cfg.tau_low, self.cfg.ratio)
         return threshold_mask(logits, self.cfg.threshold)
@@ -63,105 +75,123 @@ class DSSN(Method):
         return self.cfg.teacher_bn == "batch"
 
     @torch.inference_mode()
-    def teacher_logits(self, w_mix: Tensor, w: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """Teacher predictions on the donor's and the image's weak views (step 2)."""
+    def teacher_logits(self, partner_weak: Tensor, weak: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """The teacher's logits on the partner's and the unlabeled batch's weak views (step 2)."""
         if not self.teacher_uses_batch_statistics(step):
             self.teacher.eval()  # running statistics: one batched pass is exact
-            t_mix, t = self.teacher(torch.cat((w_mix, w))).chunk(2)
-            return t_mix, t
+            teacher_partner, teacher_logits = self.teacher(torch.cat((partner_weak, weak))).chunk(2)
+            return teacher_partner, teacher_logits
         self.teacher.train()  # batch statistics, each batch on its own
-        return self.teacher(w_mix), self.teacher(w)
+        return self.teacher(partner_weak), self.teacher(weak)
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg = self.cfg
-        x, y = batch.labeled
-        u, u_mix = batch.unlabeled, batch.mix
-        n_x = x.shape[0]
+        images, labels = batch.labeled
+        unlabeled, partner = batch.unlabeled, batch.partner
+        n_labeled = images.shape[0]
 
-        # 1. Mix the strong views with the partner image's.
-        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
-        s2 = cutmix(u["s2"], u_mix["s2"], u["b2"])
+        # 1. Mix the strong views with the partner's: its pixels inside box k of view k.
+        strong1 = cutmix(unlabeled.strong1, partner.strong1, unlabeled.box1)
+        strong2 = cutmix(unlabeled.strong2, partner.strong2, unlabeled.box2)
 
         # 2. Teacher on both weak views, no gradient.
-        t_mix, t = self.teacher_logits(u_mix["w"], u["w"], step)
+        teacher_partner, teacher_logits = self.teacher_logits(partner.weak, unlabeled.weak, step)
 
-        # 3. Mixed teacher logits, pseudo labels and ignore masks.
-        t1 = cutmix(t, t_mix, u["b1"])
-        t2 = cutmix(t, t_mix, u["b2"])
-        y1, y2 = t1.argmax(dim=1), t2.argmax(dim=1)
-        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
-        ign2 = cutmix(u["ign"], u_mix["ign"], u["b2"])
+        # 3. Mixed teacher logits, pseudo labels and ignore masks: each strong view's targets
+        #    are mixed exactly as the view itself was.
+        def mixed_targets(box: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """``(pseudo labels, ignore mask, teacher logits)`` with the partner's inside ``box``."""
+            logits = cutmix(teacher_logits, teacher_partner, box)
+            return logits.argmax(dim=1), cutmix(unlabeled.ignore, partner.ignore, box), logits
 
-        # 4. Student on labeled + weak, with the perturbed feature streams, one pass.
+        pseudo1, ignore1, mixed_logits1 = mixed_targets(unlabeled.box1)
+        pseudo2, ignore2, mixed_logits2 = mixed_targets(unlabeled.box2)
+
+        # 4. Student on labeled + weak, with the perturbed feature streams, one pass (shared BN
+        #    statistics). The weak prediction is a target for the streams: no gradient.
+        labeled_and_weak = torch.cat((images, unlabeled.weak))
+        perturbed1 = perturbed2 = None
         if self.n_perturb:
-            p, (f1, f2) = self.student(torch.cat((x, u["w"])), n_perturb=self.n_perturb)
-            f1, f2 = f1[n_x:], f2[n_x:]
+            logits, (perturbed1, perturbed2) = self.student(labeled_and_weak, n_perturb=self.n_perturb)
+            perturbed1, perturbed2 = perturbed1[n_labeled:], perturbed2[n_labeled:]
         else:
-            p = self.student(torch.cat((x, u["w"])))
-        p_x, p_w = p[:n_x], p[n_x:].detach()
-        y_w = p_w.argmax(dim=1)
+            logits = self.student(labeled_and_weak)
+        student_labeled, student_weak = logits[:n_labeled], logits[n_labeled:].detach()
+        weak_pseudo = student_weak.argmax(dim=1)
 
         # 5. Student on both strong views, one pass.
-        q1, q2 = self.student(torch.cat((s1, s2))).chunk(2)
+        student_strong1, student_strong2 = self.student(torch.cat((strong1, strong2))).chunk(2)
 
         # 6. Class-aware selection on the weak prediction and both mixed teacher predictions.
-        m_w, m1, m2 = self.select(p_w), self.select(t1), self.select(t2)
+        selected_weak = self.select(student_weak)
+        selected1, selected2 = self.select(mixed_logits1), self.select(mixed_logits2)
 
-        # 7. Losses.
-        zero = p_x.new_zeros(())
-        loss_x = labeled_loss(p_x, y, self.train_cfg.labeled_loss,
-                              self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
-        use_s = cfg.loss_image and step >= self.warmup_steps
-        loss_s = (masked_unlabeled_ce(q1, y1, m1, ign1) + masked_unlabeled_ce(q2, y2, m2, ign2)
-                  if use_s else zero)
-        loss_fp = (masked_unlabeled_ce(f1, y_w, m_w, u["ign"]) + masked_unlabeled_ce(f2, y_w, m_w, u["ign"])
-                   if cfg.loss_feature else zero)
-        align_img = contrastive_alignment(q1, q2) if cfg.align_image else zero
-        align_feat = contrastive_alignment(f1, f2) if cfg.align_feature else zero
-        loss_c = align_img + align_feat
-        loss = cfg.weight_x * loss_x + cfg.weight_u * (loss_s + loss_fp) + cfg.lambda_c * loss_c
+        # 7. Losses; L_s only after the warm-up (``warmup_steps``, ``warmup_epochs``).
+        zero = student_labeled.new_zeros(())
+        loss_labeled = labeled_loss(student_labeled, labels, self.train_cfg.labeled_loss,
+                                    self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
+        loss_image = zero
+        if cfg.loss_image and step >= self.warmup_steps:
+            loss_image = (masked_unlabeled_ce(student_strong1, pseudo1, selected1, ignore1)
+                          + masked_unlabeled_ce(student_strong2, pseudo2, selected2, ignore2))
+        loss_feature = zero
+        if cfg.loss_feature:
+            loss_feature = (masked_unlabeled_ce(perturbed1, weak_pseudo, selected_weak, unlabeled.ignore)
+                            + masked_unlabeled_ce(perturbed2, weak_pseudo, selected_weak, unlabeled.ignore))
+        align_image = contrastive_alignment(student_strong1, student_strong2) if cfg.align_image else zero
+        align_feature = contrastive_alignment(perturbed1, perturbed2) if cfg.align_feature else zero
+        loss_align = align_image + align_feature
+        loss = (cfg.weight_x * loss_labeled + cfg.weight_u * (loss_image + loss_feature)
+                + cfg.lambda_c * loss_align)
 
         if self.collect_diagnostics:  # only on the steps the engine logs
-            self._diagnostics = self._diagnose(p_w, t, t1, y1, m1, ign1, u["ign"], (q1, q2),
-                                               (f1, f2) if self.n_perturb else None)
+            perturbed = (perturbed1, perturbed2) if self.n_perturb else None
+            self._diagnostics = self._diagnose(student_weak, teacher_logits, mixed_logits1, pseudo1, selected1,
+                                               ignore1, unlabeled.ignore, (student_strong1, student_strong2),
+                                               perturbed)
+        # 8. The engine back-propagates ``loss`` and steps the optimizer; 9 follows in
+        #    ``after_optimizer_step``.
         return {
             "loss": loss,
-            "x": loss_x.detach(),
-            "s": loss_s.detach(),
-            "fp": loss_fp.detach(),
-            "c_img": align_img.detach(),
-            "c_feat": align_feat.detach(),
-            "selected_w": _selected_fraction(m_w, u["ign"]),
-            "selected_t": _selected_fraction(m1, ign1),
+            "x": loss_labeled.detach(),
+            "s": loss_image.detach(),
+            "fp": loss_feature.detach(),
+            "c_img": align_image.detach(),
+            "c_feat": align_feature.detach(),
+            "selected_w": _selected_fraction(selected_weak, unlabeled.ignore),
+            "selected_t": _selected_fraction(selected1, ignore1),
         }
 
     def after_optimizer_step(self, step: int) -> None:
-        # 9. EMA teacher; on the very first step it becomes a copy of the student.
-        ema_update(self.teacher, self.student_net, 0.0 if step == 0 else self.cfg.ema_momentum)
+        # 9. EMA teacher: ``copy_first`` makes it a copy of the student at the first step, ``ramp``
+        #    (the DINOv2 presets, as UniMatch V2) averages the students until the cap.
+        ema_update(self.teacher, self.student_net, ema_momentum_at(step, self.cfg.ema_rule, self.cfg.ema_momentum))
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"student": self.student_net, "teacher": self.teacher}
 
-    # ---- diagnostics (issue 6) -------------------------------------------------------------
+    # ---- diagnostics -----------------------------------------------------------------------
     @torch.no_grad()
-    def _diagnose(self, p_w: Tensor, t: Tensor, t1: Tensor, y1: Tensor, m1: Tensor, ign1: Tensor, ign: Tensor,
-                  q: tuple[Tensor, Tensor], f: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+    def _diagnose(self, student_weak: Tensor, teacher_logits: Tensor, mixed_logits1: Tensor, pseudo1: Tensor,
+                  selected1: Tensor, ignore1: Tensor, ignore: Tensor, student_strong: tuple[Tensor, Tensor],
+                  perturbed: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         """Pseudo-label statistics of the image-level view 1 (the one ``selected_t`` counts) and
         the paper's health checks, as tensors; see ``method/diagnostics.py``."""
-        cfg, c = self.cfg, t1.shape[1]
-        if self._diag_generator is None or self._diag_generator.device != t1.device:
+        cfg, n_classes = self.cfg, mixed_logits1.shape[1]
+        if self._diag_generator is None or self._diag_generator.device != mixed_logits1.device:
             # Its own generator: diagnostics never move the random stream that training draws from.
-            self._diag_generator = torch.Generator(device=t1.device).manual_seed(0)
+            self._diag_generator = torch.Generator(device=mixed_logits1.device).manual_seed(0)
         out = {
-            "select_counts": class_selection_counts(y1, m1, ign1, c),
-            "cplg_thr": cplg_thresholds(t1, cfg.tau_low, cfg.ratio),
-            "cplg_vs_fixed": cplg_vs_fixed_counts(t1, ign1, cfg.tau_low, cfg.ratio, self.diag_threshold),
-            "agreement": prediction_agreement(p_w, t, ign),
+            "select_counts": class_selection_counts(pseudo1, selected1, ignore1, n_classes),
+            "cplg_thr": cplg_thresholds(mixed_logits1, cfg.tau_low, cfg.ratio),
+            "cplg_vs_fixed": cplg_vs_fixed_counts(mixed_logits1, ignore1, cfg.tau_low, cfg.ratio,
+                                                  self.diag_threshold),
+            "agreement": prediction_agreement(student_weak, teacher_logits, ignore),
             "teacher_distance": parameter_distance(self.teacher, self.student_net),
-            "sim/img": positive_vs_random_similarity(q[0], q[1], generator=self._diag_generator),
+            "sim/img": positive_vs_random_similarity(*student_strong, generator=self._diag_generator),
         }
-        if f is not None:
-            out["sim/feat"] = positive_vs_random_similarity(f[0], f[1], generator=self._diag_generator)
+        if perturbed is not None:
+            out["sim/feat"] = positive_vs_random_similarity(*perturbed, generator=self._diag_generator)
         return out
 
     def loss_weights(self) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""FixMatch as UniMatch and DSSN compare against it (SPEC 4b): no teacher, fixed threshold."""
+"""FixMatch as UniMatch and DSSN compare against it (``docs/method.md`` §5.2): no teacher, fixed threshold."""
 
 from __future__ import annotations
 
@@ -22,48 +22,53 @@ class FixMatch(Method):
         self.train_cfg = train_cfg
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
-        x, y = batch.labeled
-        u, u_mix = batch.unlabeled, batch.mix
-        n_x = x.shape[0]
+        images, labels = batch.labeled
+        unlabeled, partner = batch.unlabeled, batch.partner
+        n_labeled = images.shape[0]
 
-        # The donor's prediction: student in eval mode, no gradient.
-        logits_mix = eval_mode_logits(self.student_net, u_mix["w"])
-        conf_mix, y_mix = logits_mix.softmax(dim=1).max(dim=1)
+        # The partner's prediction: student in eval mode, no gradient.
+        partner_logits = eval_mode_logits(self.student_net, partner.weak)
+        partner_confidence, partner_pseudo = partner_logits.softmax(dim=1).max(dim=1)
 
-        s1 = cutmix(u["s1"], u_mix["s1"], u["b1"])
-        p = self.student(torch.cat((x, u["w"])))
-        p_x, p_w = p[:n_x], p[n_x:].detach()
-        q1 = self.student(s1)
+        # One strong view, mixed with the partner's inside box1; labeled and weak in one pass.
+        strong1 = cutmix(unlabeled.strong1, partner.strong1, unlabeled.box1)
+        logits = self.student(torch.cat((images, unlabeled.weak)))
+        student_labeled, student_weak = logits[:n_labeled], logits[n_labeled:].detach()
+        student_strong1 = self.student(strong1)
 
-        conf_w, y_w = p_w.softmax(dim=1).max(dim=1)
-        conf1 = cutmix(conf_w, conf_mix, u["b1"])
-        y1 = cutmix(y_w, y_mix, u["b1"])
-        ign1 = cutmix(u["ign"], u_mix["ign"], u["b1"])
+        # Targets mixed exactly as the strong view was.
+        weak_confidence, weak_pseudo = student_weak.softmax(dim=1).max(dim=1)
+        confidence1 = cutmix(weak_confidence, partner_confidence, unlabeled.box1)
+        pseudo1 = cutmix(weak_pseudo, partner_pseudo, unlabeled.box1)
+        ignore1 = cutmix(unlabeled.ignore, partner.ignore, unlabeled.box1)
 
-        loss_x = labeled_loss(p_x, y, self.train_cfg.labeled_loss,
-                              self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
-        valid = ign1 != IGNORE
-        selected = (conf1 >= self.cfg.threshold) & valid
-        loss_u = (F.cross_entropy(q1, y1, reduction="none") * selected).sum() / valid.sum().clamp_min(1)
-        loss = (loss_x + loss_u) / 2
+        loss_labeled = labeled_loss(student_labeled, labels, self.train_cfg.labeled_loss,
+                                    self.train_cfg.ohem_thresh, self.train_cfg.ohem_min_kept)
+        valid = ignore1 != IGNORE
+        selected = (confidence1 >= self.cfg.threshold) & valid
+        pixel_loss = F.cross_entropy(student_strong1, pseudo1, reduction="none")
+        loss_unlabeled = (pixel_loss * selected).sum() / valid.sum().clamp_min(1)
+        loss = (loss_labeled + loss_unlabeled) / 2
         if self.collect_diagnostics:  # only on the steps the engine logs
-            self._diagnostics = self._diagnose(cutmix(p_w, logits_mix, u["b1"]), y1, selected, ign1)
+            mixed_logits1 = cutmix(student_weak, partner_logits, unlabeled.box1)
+            self._diagnostics = self._diagnose(mixed_logits1, pseudo1, selected, ignore1)
         return {
             "loss": loss,
-            "x": loss_x.detach(),
-            "u": loss_u.detach(),
+            "x": loss_labeled.detach(),
+            "u": loss_unlabeled.detach(),
             "selected_w": (selected.sum() / valid.sum().clamp_min(1)).detach(),
         }
 
-    # ---- diagnostics (issue 6) -------------------------------------------------------------
+    # ---- diagnostics -----------------------------------------------------------------------
     @torch.no_grad()
-    def _diagnose(self, logits1: Tensor, y1: Tensor, selected: Tensor, ign1: Tensor) -> dict[str, Tensor]:
+    def _diagnose(self, mixed_logits1: Tensor, pseudo1: Tensor, selected: Tensor, ignore1: Tensor) -> dict[str, Tensor]:
         """Statistics of the pseudo labels of the strong view (CPLG's numbers for comparison)."""
-        cfg, c = self.cfg, logits1.shape[1]
+        cfg, n_classes = self.cfg, mixed_logits1.shape[1]
         return {
-            "select_counts": class_selection_counts(y1, selected, ign1, c),
-            "cplg_thr": cplg_thresholds(logits1, cfg.tau_low, cfg.ratio),
-            "cplg_vs_fixed": cplg_vs_fixed_counts(logits1, ign1, cfg.tau_low, cfg.ratio, self.diag_threshold),
+            "select_counts": class_selection_counts(pseudo1, selected, ignore1, n_classes),
+            "cplg_thr": cplg_thresholds(mixed_logits1, cfg.tau_low, cfg.ratio),
+            "cplg_vs_fixed": cplg_vs_fixed_counts(mixed_logits1, ignore1, cfg.tau_low, cfg.ratio,
+                                                  self.diag_threshold),
         }
 
     def loss_weights(self) -> dict[str, float]:

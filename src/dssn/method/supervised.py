@@ -1,4 +1,4 @@
-"""Supervised baseline (SPEC 4b): the labeled loss alone, labeled data only."""
+"""Supervised baseline (``docs/method.md`` §5.1): the labeled loss alone, labeled data only."""
 
 from __future__ import annotations
 

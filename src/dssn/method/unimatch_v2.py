@@ -63,15 +63,15 @@ class UniMatchV2(Method):
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         image_x, mask_x = batch.labeled
         unlabeled = batch.unlabeled
-        box1, box2, ignore = unlabeled["b1"], unlabeled["b2"], unlabeled["ign"]
+        box1, box2, ignore = unlabeled.box1, unlabeled.box2, unlabeled.ignore
 
         # Teacher on the weak view: pseudo labels and their confidence.
-        teacher_weak = self.teacher_logits(unlabeled["w"])
+        teacher_weak = self.teacher_logits(unlabeled.weak)
         confidence, pseudo = teacher_weak.softmax(dim=1).max(dim=1)
 
         # Each strong view pasted with its own box from the mirrored image.
-        strong1 = from_partner(unlabeled["s1"], box1)
-        strong2 = from_partner(unlabeled["s2"], box2)
+        strong1 = from_partner(unlabeled.strong1, box1)
+        strong2 = from_partner(unlabeled.strong2, box2)
 
         # Student: the labeled batch alone, then both strong views in one complementary-dropout pass.
         logits_x = self.student(image_x)
