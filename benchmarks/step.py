@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from dssn.config import load_config
 from dssn.engine.evaluate import sliding_window_logits, window_starts
-from dssn.engine.trainer import build_training, optimizer_step, resolve_device, to_device
+from dssn.engine.runtime import resolve_device, to_device
+from dssn.engine.trainer import build_training, optimizer_step
 from dssn.method import Batch
 from dssn.method.components import IGNORE
 

@@ -90,6 +90,25 @@ def make_coco_raw(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
     return root
 
 
+def ade20k_raw_labels(seed: int) -> np.ndarray:
+    """An official-style annotation: 0 ("other") and class values 1..150, both ends present."""
+    out = np.random.default_rng(seed).integers(0, 151, (H, W), dtype=np.uint8)
+    out[0, :3] = (0, 1, 150)
+    return out
+
+
+def make_ade20k_raw(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """ADEChallengeData2016: images/{training,validation}/*.jpg, raw annotations/{...}/*.png."""
+    for split, prefix, n, offset in (("training", "ADE_train", n_train, 0), ("validation", "ADE_val", n_val, 100)):
+        for i in range(n):
+            name = f"{prefix}_{i + 1:08d}"
+            write_image(root / "images" / split / f"{name}.jpg", offset + i)
+            path = root / "annotations" / split / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ade20k_raw_labels(offset + i), "L").save(path)
+    return root
+
+
 def make_folder(root: Path, *, colour: bool = False, binary: bool = False, n_labeled: int = 3,
                 n_unlabeled: int = 4, n_val: int = 2) -> Path:
     """images/ + masks/ (some images have no mask) + val/, and dataset.yaml.

@@ -10,8 +10,9 @@ import yaml
 
 from dssn.cli import main
 from dssn.config import load_config
-from dssn.engine.trainer import TrainResult, train
-from dssn.sweep import expand_grid, parse_sweep_args, plan_sweep, run_name, run_sweep
+from dssn.apps.train import train
+from dssn.engine.trainer import TrainResult
+from dssn.apps.sweep import expand_grid, parse_sweep_args, plan_sweep, run_name, run_sweep
 from dssn.viz.compare import compare_runs
 from dssn.viz.report import SECTIONS
 
@@ -170,7 +171,7 @@ def test_sweep_skips_finished_runs_and_compares(tmp_path, monkeypatch, capsys):
                   cfg_extra={"tau_low": cfg.method.tau_low, "ratio": cfg.method.ratio})
         return TrainResult(run_dir, {"student": {"miou": miou, "per_class": {}}}, miou, 3, 0.0)
 
-    monkeypatch.setattr("dssn.engine.trainer.train", fake_train)
+    monkeypatch.setattr("dssn.apps.sweep.train", fake_train)
     out = tmp_path / "sweep"
     # One point is already finished: it is skipped. One was interrupted (no finished result): it runs.
     write_run(out / "tau_low-0.5_ratio-0.8", "dssn", {"background": 40.0, "disc": 20.0},

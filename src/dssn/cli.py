@@ -1,4 +1,8 @@
-"""Command line: one verb per user task. Parses, validates, hands a Config to the engine."""
+"""Command line: one verb per user task. Parses, validates, hands a Config to ``dssn.apps``.
+
+Each verb imports its task when it runs, so that a command loads only what it uses (all the
+tasks together, with TensorBoard, matplotlib and their kin, add about two seconds of start-up).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from pathlib import Path
 
 from dssn.config import load_config, preset_names
 from dssn.errors import DssnError
+from dssn.registry import METHODS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dssn.engine.trainer import train
+    from dssn.apps.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
@@ -28,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dssn.engine.evaluate import evaluate_checkpoint, iou_table, write_scores
+    from dssn.apps.evaluate import evaluate_checkpoint, iou_table, write_scores
 
     results = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
     print(iou_table(results))
@@ -44,28 +49,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dssn.demo import run_demo
+    from dssn.apps.demo import run_demo
 
     run_demo(out_dir=Path(args.out), seeds=args.seeds, iters=args.iters, data_root=Path(args.data),
              methods=args.methods, overrides=args.overrides)
     return 0
 
 
-# ---- data commands: prepare, splits, check-data (issue 3) --------------------------------------
+# ---- data commands: prepare, splits, check-data --------------------------------------
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from dssn.data.prepare import prepare_cityscapes, prepare_coco
+    from dssn.data.prepare import prepare_ade20k, prepare_cityscapes, prepare_coco
 
     root = Path(args.root).expanduser()
     if not root.is_dir():
         raise DssnError(f"dataset root '{root}' does not exist")
     if args.dataset == "cityscapes":
         print(f"cityscapes: {prepare_cityscapes(root, args.overwrite, progress=not args.quiet)}")
-    else:
-        reports = prepare_coco(root, tuple(args.splits), args.out, args.overwrite, progress=not args.quiet)
+    elif args.dataset == "coco":
+        out = args.out or "masks"
+        reports = prepare_coco(root, tuple(args.splits), out, args.overwrite, progress=not args.quiet)
         for split, report in reports.items():
-            print(f"coco {split}: {report} in {root / args.out}")
+            print(f"coco {split}: {report} in {root / out}")
+    else:
+        out = args.out or "annotations_mapped"
+        for split, report in prepare_ade20k(root, out, args.overwrite, progress=not args.quiet).items():
+            print(f"ade20k {split}: {report} in {root / out / split}")
     return 0
 
 
@@ -124,20 +134,26 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="make class-index masks from raw Cityscapes or COCO annotations",
+    p = sub.add_parser("prepare", help="make class-index masks from raw Cityscapes, COCO or ADE20K annotations",
                        description="cityscapes: write *_gtFine_labelTrainIds.png (19 train ids, 255 ignore) next to "
                                    "every gtFine/**/*_gtFine_labelIds.png, with the official label table. "
                                    "coco: write ROOT/masks/<image>.png (81 classes: 0 background, COCO "
                                    "categories in increasing id order -> 1..80) from "
                                    "ROOT/annotations/instances_<split>.json; needs pycocotools "
-                                   "(pip install 'dssn[coco]'). Resumable: existing outputs are skipped, never "
+                                   "(pip install 'dssn[coco]'). ade20k: write ROOT/annotations_mapped/<split>/"
+                                   "<name>.png (class ids 0..149, 255 = 'other') from the official "
+                                   "ROOT/annotations/<split>/<name>.png (0 = other, 1..150); optional, since "
+                                   "training maps the official masks as it loads them (data.ade20k_masks=mapped "
+                                   "reads mapped ones). Resumable: existing outputs are skipped, never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["cityscapes", "coco"], help="which dataset's annotations to convert")
-    p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/)")
+    p.add_argument("dataset", choices=["cityscapes", "coco", "ade20k"], help="which dataset's annotations to convert")
+    p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/; ADE20K: "
+                                "ADEChallengeData2016, holds images/ and annotations/)")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist (default: skip them)")
     p.add_argument("--splits", nargs="+", default=["train2017", "val2017"],
                    help="coco only: the annotation splits to convert (default train2017 val2017)")
-    p.add_argument("--out", default="masks", help="coco only: output folder under ROOT (default masks)")
+    p.add_argument("--out", help="coco and ade20k: output folder under ROOT (default masks for coco, "
+                                 "annotations_mapped for ade20k)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 
@@ -146,11 +162,12 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "('image mask' per line, relative to ROOT). Reproducible for a given --seed. "
                                    "The validation set is the layout's official one (PASCAL "
                                    "ImageSets/Segmentation/val.txt, Cityscapes leftImg8bit/val, COCO val2017, "
-                                   "the val_images folder of a folder dataset) unless --val draws it from the "
+                                   "ADE20K images/validation, the val_images folder of a folder dataset) unless --val draws it from the "
                                    "images with masks; validation images never enter the training splits. "
                                    "Images without a mask are always unlabeled. Existing split files are never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "folder"], help="the dataset's layout")
+    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "ade20k", "folder"],
+                   help="the dataset's layout")
     p.add_argument("root", help="the dataset root")
     p.add_argument("--labeled", required=True, metavar="AMOUNT",
                    help="labeled images: a count (732), a fraction of the images with masks (1/16, 0.125, "
@@ -181,11 +198,11 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check_data)
 
 
-# ---- using a trained network: predict, export (issue 4) ----------------------------------------
+# ---- using a trained network: predict, export ----------------------------------------
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from dssn.engine.predict import predict_files
+    from dssn.apps.predict import predict_files
 
     summary = predict_files(args.checkpoint, args.inputs, args.out, config=args.config, overrides=args.set,
                             model=args.model, batch_size=args.batch_size, overwrite=args.overwrite,
@@ -197,7 +214,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dssn.engine.export import export_checkpoint
+    from dssn.apps.export import export_checkpoint
 
     size = tuple(args.size) if args.size else None
     result = export_checkpoint(args.checkpoint, args.format, args.out, config=args.config, overrides=args.set,
@@ -264,6 +281,93 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+# ---- run folders: report, compare, sweep ----------------------------------------------------
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dssn.viz.report import write_report
+
+    for run in args.runs:
+        out = args.out if len(args.runs) == 1 else None
+        print(f"written: {write_report(run, out)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dssn.viz.compare import compare_runs
+
+    against = [k for item in args.against for k in item.split(",") if k] if args.against else None
+    out = Path(args.out) if args.out else _default_compare_out(args.runs)
+    compare_runs(args.runs, out, labels=args.labels, model=args.model, against=against)
+    return 0
+
+
+def _default_compare_out(runs: list[str]) -> Path:
+    """One folder argument (a sweep or demo folder): write there; several runs: the current folder."""
+    if len(runs) == 1 and Path(runs[0]).is_dir() and not (Path(runs[0]) / "config.yaml").is_file():
+        return Path(runs[0])
+    return Path(".")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dssn.apps.sweep import run_sweep
+
+    results = run_sweep(args.config, args.overrides, out=args.out, dry_run=args.dry_run, compare=not args.no_compare)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _add_run_folder_parsers(sub: argparse._SubParsersAction, overrides_help: str) -> None:
+    p = sub.add_parser("report", help="write a run's HTML report (plots, per-class tables, warnings, timing)",
+                       description="Write a self-contained HTML page about a run folder (plots embedded as PNG): "
+                                   "config, loss and learning-rate curves, mIoU curves, per-class IoU of student "
+                                   "and teacher, selected-pixel fraction per class over time, CPLG's thresholds, "
+                                   "CPLG against a fixed 0.95 threshold per class, the health checks and their "
+                                   "warnings, example predictions and pseudo labels, and timing. Training writes "
+                                   "it at the end (train.report=true); this rebuilds it, also mid-run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) (holding config.yaml and metrics.jsonl)")
+    p.add_argument("--out", help="output HTML file (default RUN/report.html; only with a single RUN)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare runs: mIoU and per-class IoU table and plot, class winners",
+                       description="Compare finished (or running) runs: a table of mIoU and per-class IoU with "
+                                   "each class's winner marked (printed, and written as compare.md and "
+                                   "compare.csv), and compare.png (mIoU per run; per-class IoU grouped by class, "
+                                   "a star over each winner). A sweep folder (from `dssn sweep`) expands into "
+                                   "its runs and adds sweep.png, mIoU against the swept values; any other "
+                                   "folder of run folders (e.g. a demo's) expands into the runs it holds.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, sweep folders or folders of runs")
+    p.add_argument("--out", help="folder for compare.md/.csv/.png (default: the folder given, when a single "
+                                 "sweep or demo folder is given; else the current folder)")
+    p.add_argument("--labels", nargs="+", help="a name per run for the table and plots (default: folder names, or "
+                                               "the swept values)")
+    p.add_argument("--model", choices=["student", "teacher", "best"], default="student",
+                   help="which network's scores to compare: student (default, every method has one), teacher "
+                        "(falls back to the student), or best (the better of the two, per run)")
+    p.add_argument("--against", nargs="+", metavar="KEY",
+                   help="config keys to plot mIoU against (sweep.png), e.g. method.tau_low "
+                        "(default: a sweep folder's axes)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="train a grid of config overrides one after another (resumable)",
+                       description="Train one run per combination of the given values, one after another, each "
+                                   "a normal run folder OUT/<key>-<value>_... (e.g. tau_low-0.9_ratio-0.96), and "
+                                   "then compare them (compare.md/.csv/.png and sweep.png, mIoU against the "
+                                   "swept values). key=v1,v2,... is an axis of the grid; key=value without a "
+                                   "comma (or a YAML list like model.dilations=[6,12,18]) applies to every run. "
+                                   "Every grid point's config is checked before anything trains. Resumable: run "
+                                   "the same command again and finished runs are skipped, an interrupted one "
+                                   "resumes from its last checkpoint; a failed run does not stop the others.")
+    p.add_argument("config", help="preset name or path to a YAML config (as for train)")
+    p.add_argument("overrides", nargs="+", metavar="key=v1,v2,...",
+                   help="axes of the grid and fixed overrides, e.g. method.tau_low=0.85,0.9,0.95 "
+                        "method.ratio=0.9,0.96 train.iters=300. " + overrides_help)
+    p.add_argument("--out", help="sweep folder (default runs/sweep-<name>-<method>); give the same folder to "
+                                 "resume or extend a sweep")
+    p.add_argument("--dry-run", action="store_true", help="list the grid and which runs are finished; train nothing")
+    p.add_argument("--no-compare", action="store_true", help="do not run the comparison at the end")
+    p.set_defaults(func=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dssn", description="Semi-supervised semantic segmentation with DSSN (ACM MM 2023).")
@@ -287,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split",
                        description="Evaluate every network in a checkpoint (student and teacher) and print "
-                                   "mIoU and per-class IoU (SPEC 6). A dssn checkpoint carries its config; "
+                                   "mIoU and per-class IoU (docs/method.md §7). A dssn checkpoint carries its config; "
                                    "override data.root, data.val_split or eval.* to evaluate elsewhere: "
                                    "eval.mode=whole|center_crop|sliding, eval.crop_size=N, "
                                    "eval.scales=[0.75,1.0,1.25] and eval.flip=true (multi-scale / flip "
@@ -312,14 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; one row per method and seed")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the synthetic preset's)")
     p.add_argument("--methods", nargs="+", default=["supervised", "dssn"],
-                   choices=["supervised", "fixmatch", "dssn"], help="methods to compare")
+                   choices=METHODS.names(), help="methods to compare")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + "; applied to every run")
     p.set_defaults(func=_cmd_demo)
     _add_data_parsers(sub)
     _add_inference_parsers(sub)
-    from dssn.viz.commands import add_parsers as _add_viz_parsers  # report, compare, sweep (issue 6)
-
-    _add_viz_parsers(sub, OVERRIDES_HELP)
+    _add_run_folder_parsers(sub, OVERRIDES_HELP)
     return parser
 
 

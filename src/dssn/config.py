@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from dssn.errors import DssnError
+from dssn.registry import METHODS, MODELS
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -30,22 +31,40 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    name: str = "deeplabv3plus"
+    """The network (``dssn.registry.MODELS``): ``deeplabv3plus`` (ResNet backbones) or ``dpt``
+    (DINOv2 encoders with UniMatch V2's DPT head)."""
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101",
+                      "dinov2_s", "dinov2_b", "dinov2_l", "dinov2_g", "dinov2_tiny"] = "resnet101"
+    """``dinov2_tiny`` is not a released model: a 4-block ViT for tests and CPU smoke runs."""
+    registers: Literal[0, 4] = 0
+    """DINOv2 register tokens: 4 for the ``dinov2_vit*14_reg4`` encoders."""
     pretrained: str | None = None
-    """ImageNet backbone weights in the released naming (local file)."""
+    """Backbone weights (local file): an ImageNet ResNet in the released naming, or an official
+    ``dinov2_vit*14[_reg4]_pretrain.pth``."""
+    feature_dropout: Literal["independent", "complementary"] = "independent"
+    """DPT: the perturbed streams' channel masks, drawn independently or the second the
+    complement of the first (as UniMatch V2's complementary dropout)."""
+    lock_backbone: bool = False
+    """DPT: freeze the encoder (no gradients, no optimizer state): the head alone trains."""
     output_stride: Literal[8, 16] = 16
     dilations: tuple[int, int, int] = (6, 12, 18)
     decoder_channels: int = 256
     backbone_width: int = 64
     """Stem/layer1 width of the ResNet; 64 is the standard network (smaller for CPU demos)."""
     checkpoint_backbone: bool = False
-    """Activation checkpointing: keep only each backbone stage's input and recompute the stage in
-    the backward pass. Much less memory for about a third more compute; the math is unchanged
-    (batch-norm statistics are not updated twice)."""
+    """Activation checkpointing: keep only each backbone stage's (ResNet) or block's (ViT) input
+    and recompute it in the backward pass. Much less memory for about a third more compute; the
+    math is unchanged (batch-norm statistics are not updated twice)."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return MODELS.check(name)
 
 
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "folder", "synthetic"] = "pascal"
+    dataset: Literal["pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic"] = "pascal"
     root: str = "data/VOC2012"
     num_classes: int = 21
     class_names: list[str] | None = None
@@ -62,18 +81,23 @@ class DataConfig(_Section):
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, SPEC 5.1)."""
     num_workers: int = 4
+    ade20k_masks: Literal["raw", "mapped"] = "raw"
+    """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
+    ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
+    ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
     unlabeled_masks: bool = False
     """Also load the true masks of the unlabeled images (key ``mask`` of the unlabeled batch),
     for diagnostics on data that has them; no method trains on them."""
 
 
 class MethodConfig(_Section):
-    name: Literal["dssn", "fixmatch", "supervised"] = "dssn"
+    name: str = "dssn"
+    """The training method (``dssn.registry.METHODS``): dssn, fixmatch, unimatch_v2, supervised."""
     selection: Literal["cplg", "threshold"] = "cplg"
     tau_low: float = 0.92
     ratio: float = 0.96
     threshold: float = 0.95
-    """Confidence threshold for ``selection: threshold`` and for ``fixmatch``."""
+    """Confidence threshold for ``selection: threshold`` and for ``fixmatch`` and ``unimatch_v2``."""
     loss_image: bool = True
     """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
     loss_feature: bool = True
@@ -84,10 +108,23 @@ class MethodConfig(_Section):
     weight_x: float = 0.5
     weight_u: float = 0.125
     ema_momentum: float = 0.996
-    teacher_bn: Literal["batch", "running"] = "batch"
+    ema_rule: Literal["copy_first", "ramp"] = "copy_first"
+    """The EMA teacher's momentum at step s (docs/method.md §8): ``copy_first``: 0 at step 0 (the
+    teacher becomes a copy), then ``ema_momentum``; ``ramp``: ``min(1 - 1/(s+1), ema_momentum)``,
+    as UniMatch V2 releases it."""
+    teacher_bn: Literal["released", "batch", "running"] = "released"
+    """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
+    during the first epoch and by the running statistics from the second epoch on (what the
+    authors' script does: its teacher starts in training mode and its end-of-epoch evaluation
+    leaves it in eval mode); ``batch`` and ``running`` use one of the two for the whole run."""
     warmup_steps: int = 1
     warmup_epochs: float = 0.0
     """L_s is left out until both warm-ups have passed."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return METHODS.check(name)
 
 
 class TrainConfig(_Section):
@@ -99,7 +136,12 @@ class TrainConfig(_Section):
     batch_size_unlabeled: int = 2
     lr: float = 0.002
     lr_multi: float = 10.0
+    """The head's learning rate is ``lr * lr_multi``; the backbone's is ``lr``."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
+    """SGD's momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas."""
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     labeled_loss: Literal["ce", "ohem"] = "ce"

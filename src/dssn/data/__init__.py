@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dssn.config import Config
+from dssn.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, Ade20kDecoder
 from dssn.data.datasets import DataError, MaskDecoder, SegmentationDataset, Split, load_split, read_split
 from dssn.data.layouts import FolderMeta, Pool, load_folder_meta, pairs_to_split, scan_pool
 from dssn.data.synthetic import voc_palette
@@ -68,6 +69,8 @@ def class_names_for(cfg: Config) -> list[str]:
         names, where = list(CITYSCAPES_CLASSES), "the cityscapes class list"
     elif d.dataset == "coco":
         names, where = list(COCO_CLASSES), "the coco class list"
+    elif d.dataset == "ade20k":
+        names, where = list(ADE20K_CLASSES), "the ade20k class list"
     elif d.dataset == "synthetic":
         from dssn.data.synthetic import CLASS_NAMES
 
@@ -86,8 +89,9 @@ def palette_for(cfg: Config) -> list[int]:
     if meta is not None and meta.palette:
         flat = [c for rgb in meta.palette for c in rgb]
         return flat + voc_palette(256)[len(flat):]
-    if cfg.data.dataset == "cityscapes":
-        flat = [c for rgb in CITYSCAPES_PALETTE for c in rgb]
+    if cfg.data.dataset in ("cityscapes", "ade20k"):
+        colours = CITYSCAPES_PALETTE if cfg.data.dataset == "cityscapes" else ADE20K_PALETTE
+        flat = [c for rgb in colours for c in rgb]
         return flat + voc_palette(256)[len(flat):]
     return voc_palette(256)
 
@@ -98,6 +102,10 @@ def decoder_for(cfg: Config) -> MaskDecoder:
     if meta is not None:
         class_names_for(cfg)  # num_classes must agree with dataset.yaml
         return meta.decoder()
+    if cfg.data.dataset == "ade20k":
+        class_names_for(cfg)  # num_classes must be ADE20K's 150
+        if cfg.data.ade20k_masks == "raw":
+            return Ade20kDecoder()
     return MaskDecoder(cfg.data.num_classes, hint=f"; data.num_classes is {cfg.data.num_classes}")
 
 

@@ -13,6 +13,9 @@ Layouts (paths relative to the dataset root):
   ``gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png``.
 - ``coco``: ``{train2017,val2017}/<id>.jpg``, ``masks/<id>.png`` (one folder for both,
   as in the authors' split files; written by ``dssn prepare coco``).
+- ``ade20k`` (ADEChallengeData2016): ``images/{training,validation}/<name>.jpg``,
+  ``annotations/{training,validation}/<name>.png`` (the official annotations, mapped while
+  loading; see ``dssn.data.ade20k``).
 - ``folder``: described by ``dataset.yaml`` (``FolderMeta``): an image folder and a mask
   folder matched by file stem (sub-folders allowed), optionally validation folders.
 """
@@ -29,7 +32,7 @@ import yaml
 from dssn.data.datasets import IGNORE_INDEX, RGB, DataError, MaskDecoder, Split, SplitEntry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-KINDS = ("pascal", "cityscapes", "coco", "folder", "synthetic")
+KINDS = ("pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic")
 META_KEYS = ("classes", "palette", "ignore_color", "values", "images", "masks", "val_images", "val_masks")
 
 Pair = tuple[str, str | None]
@@ -204,6 +207,19 @@ def _coco_pool(root: Path) -> Pool:
     return Pool(train, [p for p in _coco_pairs(root, "val2017") if p[1]], f"{root}/val2017")
 
 
+def _ade20k_pairs(root: Path, split: str) -> list[Pair]:
+    masks = root / "annotations" / split
+    return [(f"images/{split}/{p.name}", f"annotations/{split}/{p.stem}.png" if (masks / f"{p.stem}.png").is_file()
+             else None) for p in sorted((root / "images" / split).glob("*.jpg"))]
+
+
+def _ade20k_pool(root: Path) -> Pool:
+    train = _ade20k_pairs(root, "training")
+    if not train:
+        raise DataError(f"no images/training/*.jpg under {root}: is this the ADEChallengeData2016 folder?")
+    return Pool(train, [p for p in _ade20k_pairs(root, "validation") if p[1]], f"{root}/images/validation")
+
+
 def _folder_pool(root: Path, meta: FolderMeta) -> Pool:
     train = match_by_stem(root, root / meta.images, root / meta.masks)
     if meta.val_images is None or meta.val_masks is None:
@@ -226,6 +242,8 @@ def scan_pool(kind: str, root: Path, meta: FolderMeta | None = None) -> Pool:
         return _cityscapes_pool(root)
     if kind == "coco":
         return _coco_pool(root)
+    if kind == "ade20k":
+        return _ade20k_pool(root)
     if kind == "folder":
         if meta is None:
             raise ValueError("the folder kind needs its dataset.yaml (meta)")

@@ -1,6 +1,6 @@
-"""``dssn prepare``: turn raw Cityscapes and COCO annotations into class-index masks.
+"""``dssn prepare``: turn raw Cityscapes, COCO and ADE20K annotations into class-index masks.
 
-Both are resumable and safe: an output that already exists is skipped (never
+All are resumable and safe: an output that already exists is skipped (never
 rewritten) unless ``overwrite``; each output is written to a temporary file and
 renamed, so an interrupted run never leaves a half-written mask behind that a
 later run would skip.
@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dssn.data.datasets import IGNORE_INDEX, DataError, open_image
+from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
+from dssn.data.datasets import IGNORE_INDEX, DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
 
 # The official Cityscapes label table (cityscapesScripts, helpers/labels.py): trainId of
@@ -46,10 +47,10 @@ class PrepareReport:
         return f"{self.written} written, {self.skipped} already there (skipped)"
 
 
-def _save_atomic(mask: np.ndarray, path: Path) -> None:
+def _save_atomic(mask: np.ndarray, path: Path, palette: list[int] | None = None) -> None:
     """Save a class-index mask as a palette PNG (indices are the class ids) via a temp file."""
     img = Image.fromarray(mask.astype(np.uint8), "L").convert("P")
-    img.putpalette(voc_palette(256))
+    img.putpalette(palette or voc_palette(256))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     img.save(tmp, format="PNG")
@@ -57,13 +58,13 @@ def _save_atomic(mask: np.ndarray, path: Path) -> None:
 
 
 def _write_all(jobs: Iterable[tuple[Path, Callable[[], np.ndarray]]], total: int, overwrite: bool,
-               desc: str, progress: bool) -> PrepareReport:
+               desc: str, progress: bool, palette: list[int] | None = None) -> PrepareReport:
     report = PrepareReport()
     for out, make in tqdm(jobs, total=total, desc=desc, unit="mask", disable=not progress):
         if out.exists() and not overwrite:
             report.skipped += 1
             continue
-        _save_atomic(make(), out)
+        _save_atomic(make(), out, palette)
         report.written += 1
     return report
 
@@ -162,4 +163,48 @@ def prepare_coco(root: Path, splits: tuple[str, ...] = ("train2017", "val2017"),
             return root / out / f"{name}.png", lambda: coco_mask(coco, image_id, class_of)
 
         reports[split] = _write_all(map(job, image_ids), len(image_ids), overwrite, f"coco {split}", progress)
+    return reports
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+ADE20K_SPLITS = ("training", "validation")
+
+
+def prepare_ade20k(root: Path, out: str = "annotations_mapped", overwrite: bool = False,
+                   progress: bool = True) -> dict[str, PrepareReport]:
+    """Write ``ROOT/<out>/<split>/<name>.png`` (class ids 0..149, 255 = "other") from every
+    official ``ROOT/annotations/<split>/<name>.png`` (0 = other, 1..150 = classes).
+
+    Training does not need this (the ``ade20k`` dataset maps the official masks as it loads
+    them); it makes masks in the mapped encoding that UniMatch V2's pre-processed annotations
+    use, for tools that expect it or for ``data.ade20k_masks=mapped``. A value above 150 stops
+    the run with the file and the value; masks written before it stay (complete) and are
+    skipped when the run is repeated."""
+    if (root / out).resolve() == (root / "annotations").resolve():
+        raise DataError(f"the output folder {root / out} is the official annotations' folder; choose another")
+    sources = {split: sorted((root / "annotations" / split).glob("*.png")) for split in ADE20K_SPLITS}
+    if not any(sources.values()):
+        raise DataError(f"no annotations/{{training,validation}}/*.png under {root}: download "
+                        "ADEChallengeData2016.zip and unpack it so that ROOT holds images/ and annotations/")
+    palette = [c for rgb in ADE20K_PALETTE for c in rgb]
+    palette += voc_palette(256)[len(palette):]
+
+    def convert(src: Path) -> Callable[[], np.ndarray]:
+        def make() -> np.ndarray:
+            raw = open_image(src)
+            if raw.mode not in ("L", "P") and not raw.mode.startswith("I"):
+                raise DataError(f"{src}: expected a single-channel ADE20K annotation PNG, got mode {raw.mode!r}")
+            try:
+                return ade20k_class_ids(np.asarray(raw))
+            except MaskError as err:
+                raise MaskError(f"{src}: {err}") from None
+        return make
+
+    reports = {}
+    for split, files in sources.items():
+        if not files:
+            continue
+        jobs = ((root / out / split / src.name, convert(src)) for src in files)
+        reports[split] = _write_all(jobs, len(files), overwrite, f"ade20k {split}", progress, palette)
     return reports

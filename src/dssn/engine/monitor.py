@@ -1,4 +1,4 @@
-"""Live diagnostics of a run (issue 6): the engine calls four hooks, the monitor does the rest.
+"""Live diagnostics of a run: the engine calls four hooks, the monitor does the rest.
 
 - ``before_step``: asks the method for diagnostics on the steps that will be logged
   (``Method.collect_diagnostics``) and keeps a few unlabeled weak views for the panels.
@@ -7,8 +7,8 @@
   counts, writes them to TensorBoard and ``metrics.jsonl`` (``kind: diag``) and applies
   the health rules (``kind: warning`` records and a console line).
 - ``on_eval``: timing, the teacher-vs-student health rule and the image panels.
-- ``finish``: ``result.json`` (the marker of a finished run), a summary of the
-  warnings and, with ``train.report``, ``report.html``.
+- ``finish``: ``result.json`` (the marker of a finished run) and a summary of the
+  warnings.
 
 Nothing here changes what training computes: the diagnostics run under ``no_grad``
 with their own random generator, and any failure to draw is reported, not raised.
@@ -16,7 +16,6 @@ with their own random generator, and any failure to draw is reported, not raised
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -27,18 +26,12 @@ import numpy as np
 import torch
 
 from dssn.config import Config
+from dssn.data.colors import denormalise, fit_box
+from dssn.engine.evaluate import center_crop, predict_tta
+from dssn.engine.panels import Panels
+from dssn.engine.rundir import METRICS_NAME, PANELS_NAME, RESULT_NAME, RUN_INFO_NAME, read_metrics, write_json
 from dssn.method.base import Batch, Method
 from dssn.method.diagnostics import HealthRules, HealthWarning, health_warnings, loss_shares
-
-RESULT_NAME = "result.json"
-RUN_INFO_NAME = "run_info.json"
-PANELS_NAME = "panels/latest.npz"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -86,7 +79,7 @@ class TrainingMonitor:
             "images_per_step": self.images_per_step, "loss_weights": method.loss_weights(),
             "log_every": t.log_every, "grace_step": self.grace_step, "fixed_threshold": d.fixed_threshold,
         }
-        _write_json(self.run_dir / RUN_INFO_NAME, run_info)
+        write_json(self.run_dir / RUN_INFO_NAME, run_info)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def before_step(self, step: int, batch: Batch) -> None:
@@ -162,20 +155,11 @@ class TrainingMonitor:
             "time_per_epoch": session_s / max(session_steps, 1) * self.iters_per_epoch,
             "warnings": self.warning_counts,
         }
-        _write_json(self.run_dir / RESULT_NAME, result)
+        write_json(self.run_dir / RESULT_NAME, result)
         for rule, count in self.warning_counts.items():
             steps = self.warning_steps[rule]
             print(f"health warning '{rule}': {count} log step(s), steps {steps[0]}..{steps[-1]} "
                   f"(see metrics.jsonl / report)", file=sys.stderr)
-        if self.cfg.train.report:
-            from dssn.viz.report import write_report
-
-            try:
-                path = write_report(self.run_dir)
-                print(f"report: {path}", file=sys.stderr)
-            except Exception as err:  # the run itself is complete; `dssn report RUN` can retry
-                print(f"warning: could not write the report ({type(err).__name__}: {err}); "
-                      f"retry with `dssn report {self.run_dir}`", file=sys.stderr)
 
     # ---- internals -----------------------------------------------------------------------------
     def _begin(self, step: int) -> None:
@@ -187,10 +171,8 @@ class TrainingMonitor:
         self._last_step = self._last_step_at_start = step
         if step == 0:
             return
-        from dssn.viz.rundata import read_metrics
-
         records = {k: [r for r in v if (r.get("step") or 0) <= step]
-                   for k, v in read_metrics(self.run_dir / "metrics.jsonl").items()}
+                   for k, v in read_metrics(self.run_dir / METRICS_NAME).items()}
         names = self.class_names
         device = self.device
         for r in reversed(records.get("diag", [])):
@@ -307,10 +289,6 @@ class TrainingMonitor:
     def draw_panels(self, step: int):
         """Predict on the first ``diag.panels`` validation images and on kept unlabeled views;
         write the grids to TensorBoard and ``panels/latest.npz``."""
-        from dssn.engine.evaluate import center_crop, predict_tta
-        from dssn.viz.colors import denormalise, fit_box
-        from dssn.viz.panels import Panels
-
         n = self.cfg.diag.panels
         e, c = self.cfg.eval, self.cfg.data.num_classes
         crop = e.crop_size or self.cfg.data.crop_size

@@ -1,4 +1,5 @@
-"""The run folder: start a new run, or resume the one already there, safely.
+"""The run folder: its file names, starting a new run or resuming the one already there
+safely, and reading a run back (``load_run``, for reports, comparisons and sweeps).
 
 ``open_run_dir`` decides, before any model exists:
 
@@ -20,17 +21,26 @@ import json
 import os
 import shutil
 from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dssn.config import Config, ConfigError, build_config
+from dssn.data.synthetic import voc_palette
 from dssn.engine.checkpoint import find_resume_checkpoint, remove_stale_temporaries
-from dssn.errors import TrainingError
+from dssn.errors import DssnError, TrainingError
+from dssn.files import atomic_write_text
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
+RUN_INFO_NAME = "run_info.json"
+RESULT_NAME = "result.json"
+"""Written when training ends: the marker of a finished run."""
+REPORT_NAME = "report.html"
+PANELS_NAME = "panels/latest.npz"
+TENSORBOARD_DIR = "tb"
 
 RUNTIME_KEYS = (
     "name", "run_dir",
@@ -87,13 +97,9 @@ def read_run_config(run_dir: Path) -> Config | None:
 
 
 def _write_config(run_dir: Path, cfg: Config) -> None:
-    path = run_dir / CONFIG_NAME
-    tmp = run_dir / f".{CONFIG_NAME}.tmp"
     try:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise TrainingError(f"cannot write to run folder '{run_dir}': {err.strerror or err}; "
                             "choose a writable folder with run_dir=PATH") from None
 
@@ -154,9 +160,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             continue  # a line cut short by the kill
         if not isinstance(record, dict) or record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{METRICS_NAME}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -197,3 +201,115 @@ def check_free_space(run_dir: Path, checkpoint_bytes: int, keep_last: int, resum
             f"and one being written), {_gib(free)} free. Free some space, lower train.keep_last, or choose "
             "another run_dir=PATH")
 
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2), durable=False)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+class RunFolderError(DssnError, ValueError):
+    """A folder is not a dssn run folder (or holds no result yet)."""
+
+
+@dataclass
+class RunData:
+    path: Path
+    config: dict[str, Any]
+    info: dict[str, Any]
+    result: dict[str, Any] | None
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def method(self) -> str:
+        return self.info.get("method") or self.config.get("method", {}).get("name", "?")
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.info.get("class_names"):
+            return list(self.info["class_names"])
+        for r in reversed(self.kind("eval")):
+            for value in r.values():
+                if isinstance(value, dict) and "per_class" in value:
+                    return list(value["per_class"])
+        n = self.config.get("data", {}).get("num_classes", 0)
+        return [f"class_{i}" for i in range(n)]
+
+    @property
+    def palette(self) -> list[int]:
+        if self.info.get("palette"):
+            return list(self.info["palette"])
+        return voc_palette(256)
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return self.records.get(kind, [])
+
+    def final(self) -> dict[str, dict[str, Any]]:
+        """Per evaluated model: ``{"miou": .., "per_class": {name: iou or None}}`` (percent)."""
+        if self.result and self.result.get("final"):
+            return self.result["final"]
+        evals = self.kind("eval")
+        if not evals:
+            return {}
+        last = evals[-1]
+        return {k: v for k, v in last.items() if isinstance(v, dict) and "miou" in v}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.result and self.result.get("finished"))
+
+
+def _dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the last record of each step (a resumed run logs the replayed steps again), sorted by step."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for r in records:
+        by_step[r.get("step")] = r
+    return sorted(by_step.values(), key=lambda r: (r.get("step") is None, r.get("step") or 0))
+
+
+def read_metrics(path: Path) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        out.setdefault(record.get("kind", "?"), []).append(record)
+    deduped = {k: _dedupe(v) for k, v in out.items() if k != "warning"}
+    if "warning" in out:  # one per (step, rule): a resumed run re-logs the steps it replays
+        last = {(w.get("step"), w.get("rule")): w for w in out["warning"]}
+        deduped["warning"] = sorted(last.values(), key=lambda w: w.get("step") or 0)
+    return deduped
+
+
+def load_run(path: str | Path) -> RunData:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"run folder '{path}' does not exist")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file() and not (path / METRICS_NAME).is_file():
+        raise RunFolderError(f"'{path}' is not a run folder (no {CONFIG_NAME} or {METRICS_NAME})")
+    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    info_path, result_path = path / RUN_INFO_NAME, path / RESULT_NAME
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    return RunData(path, config or {}, info, result, read_metrics(path / METRICS_NAME))
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that trained to its last step."""
+    try:
+        result = json.loads((run_dir / RESULT_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(result, dict) and bool(result.get("finished"))

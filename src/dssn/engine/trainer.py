@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
 from dssn.config import Config
 from dssn.data import build_train_datasets, build_val_dataset, class_names_for, palette_for
@@ -31,7 +28,8 @@ from dssn.engine.checkpoint import (FORMAT, capture_rng_state, load_checkpoint, 
 from dssn.engine.distributed import (DistInfo, all_reduce_sum, average_buffers, broadcast_from_main, gather_to_main,
                                      init_distributed, process_device, run_on_main, shard, shutdown, wrap_ddp)
 from dssn.engine.rundir import check_free_space, open_run_dir
-from dssn.engine.sampling import ResumableSampler, SeededDataset
+from dssn.engine.runtime import (make_loader, make_train_loader, resolve_device, seed_everything, set_deterministic,
+                                  to_device, use_channels_last)
 from dssn.errors import TrainingError
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
@@ -52,56 +50,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     main_process: bool = True
     """False on torchrun's ranks other than 0 (which print and write nothing)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed is already distinct (base seed + id); derive the others from it.
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                device: torch.device, drop_last: bool = True) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=_seed_worker, generator=generator,
-                      persistent_workers=num_workers > 0)
-
-
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int,
-                      device: torch.device, dist: DistInfo = DistInfo()) -> DataLoader:
-    """A shuffled training loader whose stream can stop and continue exactly (``engine.sampling``):
-    the order and every sample's augmentation depend only on ``(seed, epoch, position)``. In a
-    distributed run it yields this rank's shard of every epoch."""
-    sampler = ResumableSampler(len(dataset), seed, rank=dist.rank, world_size=dist.world_size)
-    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0)
-
-
-def set_deterministic(enabled: bool) -> None:
-    """``train.deterministic``: deterministic kernels only (a warning where one has none)."""
-    if not enabled:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
 
 
 class NonFiniteWatch:
@@ -141,24 +89,6 @@ class NonFiniteWatch:
                             "after the failure was saved. Try a lower train.lr, or check the data.")
 
 
-def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """A loader's batch (tensors in tuples, lists and dicts) on ``device``; images (4-D floats)
-    channels-last if asked."""
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return tuple(to_device(v, device, channels_last) for v in batch)
-    out = batch.to(device, non_blocking=device.type == "cuda")
-    if channels_last and out.dim() == 4 and out.is_floating_point():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def use_channels_last(setting: bool | str, device: torch.device) -> bool:
-    """``train.channels_last``: ``auto`` is on for GPUs only (on the CPUs measured it was slower)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
-
-
 class _Quiet:
     """Stands in for the logger and the monitor on ranks other than 0: they write nothing."""
 
@@ -166,15 +96,16 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with the backbone at ``lr`` and everything else at ``lr * lr_multi`` (SPEC 3.8)."""
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """``train.optimizer`` (SGD or AdamW) with the backbone at ``lr`` and everything else at
+    ``lr * lr_multi`` (docs/method.md §8). A frozen backbone leaves its group empty."""
     backbone, rest = model.param_groups()
     t = cfg.train
-    return torch.optim.SGD(
-        [{"params": backbone, "lr": t.lr, "base_lr": t.lr},
-         {"params": rest, "lr": t.lr * t.lr_multi, "base_lr": t.lr * t.lr_multi}],
-        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-    )
+    groups = [{"params": backbone, "lr": t.lr, "base_lr": t.lr},
+              {"params": rest, "lr": t.lr * t.lr_multi, "base_lr": t.lr * t.lr_multi}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 @dataclass
@@ -260,12 +191,15 @@ class Trainer:
         t, workers = cfg.train, cfg.data.num_workers
         # Each rank reads its shard of every epoch; an optimizer step takes `accumulate` batches.
         self.loaders = [make_train_loader(labeled, t.batch_size, t.seed, workers, self.device, dist)]
-        if METHODS[cfg.method.name].uses_unlabeled:
+        method_class = METHODS[cfg.method.name]
+        if method_class.uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
-            # U and U' (the CutMix donors): two independent streams over the unlabeled set.
+            # U and U' (the CutMix donors): two independent streams over the unlabeled set; U alone for
+            # methods that pair the images of U among themselves.
+            streams = (1, 2) if method_class.uses_partner_batch else (1,)
             self.loaders += [make_train_loader(unlabeled, t.batch_size_unlabeled, t.seed + s, workers, self.device,
-                                               dist) for s in (1, 2)]
+                                               dist) for s in streams]
         # An epoch is one pass over the unlabeled set (the labeled set is repeated to its length).
         self.iters_per_epoch = min(len(loader) for loader in self.loaders) // t.accumulate
         if self.iters_per_epoch == 0:

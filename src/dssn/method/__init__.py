@@ -1,4 +1,7 @@
-"""Training methods: each turns a batch into losses for the engine."""
+"""Training methods: each turns a batch into losses for the engine.
+
+``METHODS`` maps ``method.name`` to the class; a new method is its own file plus one line here.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +12,18 @@ from dssn.method.base import Batch, Method
 from dssn.method.dssn import DSSN
 from dssn.method.fixmatch import FixMatch
 from dssn.method.supervised import Supervised
+from dssn.method.unimatch_v2 import UniMatchV2
+from dssn.registry import METHODS
 
-__all__ = ["Batch", "Method", "DSSN", "FixMatch", "Supervised", "METHODS", "build_method"]
+__all__ = ["Batch", "Method", "DSSN", "FixMatch", "Supervised", "UniMatchV2", "METHODS", "build_method"]
 
-METHODS: dict[str, type[Method]] = {"dssn": DSSN, "fixmatch": FixMatch, "supervised": Supervised}
+METHODS.add("dssn", DSSN)
+METHODS.add("fixmatch", FixMatch)
+METHODS.add("unimatch_v2", UniMatchV2)
+METHODS.add("supervised", Supervised)
 
 
 def build_method(cfg: Config, student: nn.Module, iters_per_epoch: int) -> Method:
-    name = cfg.method.name
-    if name == "dssn":
-        return DSSN(student, cfg.method, cfg.train, iters_per_epoch)
-    if name == "fixmatch":
-        return FixMatch(student, cfg.method, cfg.train)
-    if name == "supervised":
-        return Supervised(student, cfg.train)
-    raise ValueError(f"unknown method '{name}'")
+    """The method ``method.name`` names, training ``student``; ``iters_per_epoch`` for schedules
+    counted in epochs (warm-up, the teacher's batch-norm schedule)."""
+    return METHODS[cfg.method.name](student, cfg.method, cfg.train, iters_per_epoch)

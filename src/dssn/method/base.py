@@ -23,7 +23,8 @@ class Batch:
     ``labeled`` is ``(image [B,3,H,W], mask [B,H,W])``. ``unlabeled`` and ``mix``
     (the independent batch U' that donates CutMix patches) are dicts with the
     keys ``w, s1, s2, ign, b1, b2`` of SPEC section 3, or None for methods
-    that use labels only.
+    that use labels only; ``mix`` is also None for methods that take CutMix partners
+    from ``unlabeled`` itself (``Method.uses_partner_batch``).
     """
 
     labeled: tuple[Tensor, Tensor]
@@ -36,6 +37,8 @@ class Method(ABC):
 
     name: str = "method"
     uses_unlabeled: bool = True
+    uses_partner_batch: bool = True
+    """Whether the step reads ``Batch.mix``; without it the engine loads one unlabeled stream."""
     collect_diagnostics: bool = False
     """Set by the engine on the steps it will log: the step then also stores its
     diagnostics (``method/diagnostics.py``) for ``pop_diagnostics``; other steps pay nothing."""

@@ -94,6 +94,22 @@ def labeled_loss(logits: Tensor, target: Tensor, kind: str = "ce", ohem_thresh: 
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
+def ema_momentum_at(step: int, rule: str, momentum: float) -> float:
+    """The teacher's EMA momentum after optimizer step ``step`` (0-based), docs/method.md §8.
+
+    ``copy_first``: 0 at step 0, so the teacher becomes a copy of the student, then ``momentum``.
+    ``ramp`` (UniMatch V2): ``min(1 - 1/(step + 1), momentum)``, i.e. 0, 1/2, 2/3, ... until it
+    reaches ``momentum``, so that early on the teacher averages all the students so far evenly.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if rule == "copy_first":
+        return 0.0 if step == 0 else momentum
+    if rule == "ramp":
+        return min(1.0 - 1.0 / (step + 1), momentum)
+    raise ValueError(f"unknown EMA rule {rule!r}; one of copy_first, ramp")
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``T = a*T + (1-a)*S`` over parameters and floating-point buffers (SPEC 3.9).

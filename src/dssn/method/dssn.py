@@ -44,6 +44,7 @@ class DSSN(Method):
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        self.iters_per_epoch = iters_per_epoch
         self.warmup_steps = max(cfg.warmup_steps, round(cfg.warmup_epochs * iters_per_epoch))
         # The perturbed feature streams exist only for L_fp and the feature-level alignment.
         self.n_perturb = 2 if (cfg.loss_feature or cfg.align_feature) else 0
@@ -54,14 +55,21 @@ class DSSN(Method):
             return cplg_mask(logits, self.cfg.tau_low, self.cfg.ratio)
         return threshold_mask(logits, self.cfg.threshold)
 
+    def teacher_uses_batch_statistics(self, step: int) -> bool:
+        """``teacher_bn``: ``released`` is batch statistics during the first epoch only. Derived
+        from the step alone, so evaluation cadence and resuming cannot change it."""
+        if self.cfg.teacher_bn == "released":
+            return step < self.iters_per_epoch
+        return self.cfg.teacher_bn == "batch"
+
     @torch.inference_mode()
-    def teacher_logits(self, w_mix: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    def teacher_logits(self, w_mix: Tensor, w: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Teacher predictions on the donor's and the image's weak views (step 2)."""
-        if self.cfg.teacher_bn == "running":
+        if not self.teacher_uses_batch_statistics(step):
             self.teacher.eval()  # running statistics: one batched pass is exact
             t_mix, t = self.teacher(torch.cat((w_mix, w))).chunk(2)
             return t_mix, t
-        self.teacher.train()  # as released: batch statistics, each batch on its own
+        self.teacher.train()  # batch statistics, each batch on its own
         return self.teacher(w_mix), self.teacher(w)
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -75,7 +83,7 @@ class DSSN(Method):
         s2 = cutmix(u["s2"], u_mix["s2"], u["b2"])
 
         # 2. Teacher on both weak views, no gradient.
-        t_mix, t = self.teacher_logits(u_mix["w"], u["w"])
+        t_mix, t = self.teacher_logits(u_mix["w"], u["w"], step)
 
         # 3. Mixed teacher logits, pseudo labels and ignore masks.
         t1 = cutmix(t, t_mix, u["b1"])

@@ -15,7 +15,8 @@ from dssn.method.diagnostics import class_selection_counts, cplg_thresholds, cpl
 class FixMatch(Method):
     name = "fixmatch"
 
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+                 iters_per_epoch: int = 1) -> None:
         super().__init__(student)
         self.cfg = cfg
         self.train_cfg = train_cfg

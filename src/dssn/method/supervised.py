@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dssn.config import TrainConfig
+from dssn.config import MethodConfig, TrainConfig
 from dssn.method.base import Batch, Method
 from dssn.method.components import labeled_loss
 
@@ -13,7 +13,8 @@ class Supervised(Method):
     name = "supervised"
     uses_unlabeled = False
 
-    def __init__(self, student: nn.Module, train_cfg: TrainConfig) -> None:
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+                 iters_per_epoch: int = 1) -> None:
         super().__init__(student)
         self.train_cfg = train_cfg
 

@@ -1,8 +1,15 @@
-"""Segmentation network (DeepLabV3+ on ResNet-v1c) and safe weight loading."""
+"""Segmentation networks and safe weight loading.
+
+Each network is built from the config by the entry ``model.name`` names in ``MODELS``:
+``deeplabv3plus`` (ResNet-v1c, the paper's) and ``dpt`` (DINOv2 + DPT, UniMatch V2's).
+"""
 
 from torch import nn
 
+from dssn.config import Config, ConfigError
 from dssn.models.deeplabv3plus import DeepLabV3Plus
+from dssn.models.dpt import DPT, DPT_BACKBONES
+from dssn.models.resnet import BACKBONES as RESNETS
 from dssn.models.resnet import ResNet, build_backbone
 from dssn.models.weights import (
     LoadReport,
@@ -11,10 +18,13 @@ from dssn.models.weights import (
     load_state_dict_file,
     load_weights,
 )
+from dssn.registry import MODELS
 
 __all__ = [
+    "MODELS",
     "build_model",
     "DeepLabV3Plus",
+    "DPT",
     "LoadReport",
     "ResNet",
     "WeightsError",
@@ -25,14 +35,40 @@ __all__ = [
 ]
 
 
-def build_model(cfg) -> DeepLabV3Plus:
-    """The network a ``dssn.config.Config`` describes."""
+def _backbone_for(cfg: Config, choices) -> str:
     m = cfg.model
-    model = DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
+    if m.backbone not in choices:
+        raise ConfigError(f"model.backbone '{m.backbone}' does not fit model.name '{m.name}'; "
+                          f"it takes {', '.join(sorted(choices))}")
+    return m.backbone
+
+
+def build_deeplabv3plus(cfg: Config) -> DeepLabV3Plus:
+    m = cfg.model
+    model = DeepLabV3Plus(cfg.data.num_classes, backbone=_backbone_for(cfg, RESNETS), output_stride=m.output_stride,
                           dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels,
                           backbone_width=m.backbone_width)
     model.backbone.checkpoint_stages = m.checkpoint_backbone
+    if m.lock_backbone:
+        raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
     return model
+
+
+def build_dpt(cfg: Config) -> DPT:
+    m = cfg.model
+    model = DPT(cfg.data.num_classes, backbone=_backbone_for(cfg, DPT_BACKBONES), registers=m.registers,
+                pretrained=m.pretrained, feature_dropout=m.feature_dropout, lock_backbone=m.lock_backbone)
+    model.backbone.checkpoint_blocks = m.checkpoint_backbone
+    return model
+
+
+MODELS.add("deeplabv3plus", build_deeplabv3plus)
+MODELS.add("dpt", build_dpt)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The network a ``dssn.config.Config`` describes."""
+    return MODELS[cfg.model.name](cfg)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

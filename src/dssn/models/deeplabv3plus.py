@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dssn.models.perturb import comp_drop_masks
 from dssn.models.resnet import build_backbone
 from dssn.models.weights import load_backbone_weights
 
@@ -76,6 +77,9 @@ class DeepLabV3Plus(nn.Module):
     the same ``c1``/``c4`` after its own channel dropout (p=0.5, always on, as
     in the release), and all streams share one batched decoder pass, so in
     train mode they share BN batch statistics exactly as released.
+    ``forward(x, comp_drop=True)`` applies UniMatch V2's complementary dropout to a batch
+    ``cat(s1, s2)`` (see :func:`~dssn.models.perturb.comp_drop_masks`): one mask pair for
+    ``c1`` and one for ``c4``, the unperturbed image pairs shared by both.
     """
 
     def __init__(
@@ -112,11 +116,22 @@ class DeepLabV3Plus(nn.Module):
         feature = torch.cat([self.reduce(c1), high], dim=1)
         return self.classifier(self.fuse(feature))
 
-    def forward(self, x: Tensor, n_perturb: int = 0) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, n_perturb: int = 0, comp_drop: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         if n_perturb < 0:
             raise ValueError(f"n_perturb must be >= 0, got {n_perturb}")
+        if comp_drop and n_perturb:
+            raise ValueError("comp_drop and n_perturb cannot be combined")
         size = x.shape[-2:]
         c1, c4 = self.backbone(x)
+        if comp_drop:
+            keep_c1, keep_c4 = comp_drop_masks(
+                c1.shape[0], [c1.shape[1], c4.shape[1]], device=c1.device, dtype=c1.dtype
+            )
+            c1 = c1 * keep_c1[:, :, None, None]
+            c4 = c4 * keep_c4[:, :, None, None]
+            return _resize(self._decode(c1, c4), size)
         if n_perturb == 0:
             return _resize(self._decode(c1, c4), size)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dssn.viz.colors import class_colours
-from dssn.viz.rundata import RunData, RunFolderError, load_run
+from dssn.data.colors import class_colours
+from dssn.engine.rundir import RunData, RunFolderError, load_run
 
 TIE = 0.05
 """IoU points within which two runs share a class win."""

@@ -17,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from dssn.viz import plots
-from dssn.viz.rundata import RunData, load_run
+from dssn.engine.panels import Panels
+from dssn.engine.rundir import REPORT_NAME, RunData, load_run
+from dssn.method.diagnostics import HealthRules
 
 SECTIONS = ("summary", "warnings", "config", "losses", "miou", "per-class-iou", "selection", "cplg-vs-fixed",
             "health", "predictions", "timing")
@@ -150,7 +152,6 @@ def _timing(run: RunData) -> str:
 
 
 def _predictions(run: RunData) -> str:
-    from dssn.viz.panels import Panels, panels_figure
 
     path = run.path / "panels" / "latest.npz"
     if not path.is_file():
@@ -161,11 +162,10 @@ def _predictions(run: RunData) -> str:
                                                   "the method trains on, the pixels its selection rejects "
                                                   "faded to grey" if panels.unl_image is not None else "")
             + ". Colours are the dataset's palette.</p>")
-    return note + _img(panels_figure(panels, run.class_names, run.palette), "example predictions")
+    return note + _img(plots.panels_figure(panels, run.class_names, run.palette), "example predictions")
 
 
 def _rules_note(run: RunData) -> str:
-    from dssn.method.diagnostics import HealthRules
 
     d = {**HealthRules().__dict__, "patience": 3,
          **{k: v for k, v in run.config.get("diag", {}).items() if k in HealthRules.__dataclass_fields__
@@ -226,7 +226,7 @@ def build_html(run: RunData) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's HTML report (default ``RUN/report.html``); returns its path."""
     run = load_run(run_dir)
-    path = Path(out) if out else run.path / "report.html"
+    path = Path(out) if out else run.path / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(build_html(run))

@@ -27,6 +27,10 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+from dssn.apps.inference import load_for_inference
+from dssn.data.datasets import open_image, to_rgb
+from dssn.data.transforms import to_tensor_normalized
+from dssn.engine.evaluate import predict_tta
 from dssn.errors import DssnError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -142,11 +146,6 @@ def predict_files(checkpoint: str, inputs: list[str], out_dir: str | Path, *, co
     ``scales``, ``flip``); ``center_crop`` would not cover the image, so whole-image
     inference is used instead.
     """
-    from dssn.data.datasets import open_image, to_rgb
-    from dssn.data.transforms import to_tensor_normalized
-    from dssn.engine.evaluate import predict_tta
-    from dssn.engine.inference import load_for_inference
-
     if batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir).expanduser()

@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from dssn.apps.inference import load_for_inference
 from dssn.errors import DssnError
 
 FORMATS = ("onnx", "safetensors")
@@ -141,8 +142,6 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, *, config: str
                       image_size: tuple[int, int] | None = None, opset: int = ONNX_OPSET,
                       check: bool = True) -> ExportResult:
     """Export one network of ``checkpoint`` (default: the teacher when present) to ``out``."""
-    from dssn.engine.inference import load_for_inference
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}' ({', '.join(FORMATS)})")
     _need("onnx" if fmt == "onnx" else "safetensors")

@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dssn.apps.train import train
 from dssn.config import ConfigError, load_config
+from dssn.engine.rundir import RESULT_NAME, is_finished
 from dssn.errors import DssnError
+from dssn.viz.compare import compare_runs
 
 SWEEP_FILE = "sweep.json"
 
@@ -102,16 +105,6 @@ def plan_sweep(config: str, items: list[str]) -> SweepPlan:
     return plan
 
 
-def finished(run_dir: Path) -> bool:
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except (json.JSONDecodeError, OSError):
-        return False
-
-
 def _write_sweep_file(out: Path, plan: SweepPlan) -> None:
     path = out / SWEEP_FILE
     runs = [{"name": n, "params": p} for n, p in zip(plan.names, plan.points)]
@@ -144,8 +137,6 @@ def default_out(config: str, fixed: list[str]) -> Path:
 def run_sweep(config: str, items: list[str], out: str | Path | None = None, dry_run: bool = False,
               compare: bool = True) -> list[SweepRun]:
     """Train every grid point not finished yet, one after another; then compare them all."""
-    from dssn.engine.trainer import train
-
     plan = plan_sweep(config, items)
     out = Path(out) if out else default_out(config, plan.fixed)
     total = len(plan.points)
@@ -154,14 +145,14 @@ def run_sweep(config: str, items: list[str], out: str | Path | None = None, dry_
     results: list[SweepRun] = []
     if dry_run:
         for i, (name, point) in enumerate(zip(plan.names, plan.points), 1):
-            state = "finished" if finished(out / name) else "to run"
+            state = "finished" if is_finished(out / name) else "to run"
             print(f"  [{i}/{total}] {name}: {state}")
             results.append(SweepRun(name, point, "planned"))
         return results
     _write_sweep_file(out, plan)
     for i, (name, point) in enumerate(zip(plan.names, plan.points), 1):
         run_dir = out / name
-        if finished(run_dir):
+        if is_finished(run_dir):
             print(f"[{i}/{total}] {name}: already finished, skipped")
             results.append(SweepRun(name, point, "skipped", _final_miou(run_dir)))
             continue
@@ -177,8 +168,6 @@ def run_sweep(config: str, items: list[str], out: str | Path | None = None, dry_
         results.append(SweepRun(name, point, "trained", miou))
     done = [r for r in results if r.status != "failed"]
     if compare and done:
-        from dssn.viz.compare import compare_runs
-
         print()
         compare_runs([out], out)
     failed = [r for r in results if r.status == "failed"]
@@ -190,7 +179,7 @@ def run_sweep(config: str, items: list[str], out: str | Path | None = None, dry_
 
 def _final_miou(run_dir: Path) -> float | None:
     try:
-        result = json.loads((run_dir / "result.json").read_text())
+        result = json.loads((run_dir / RESULT_NAME).read_text())
         return result["final"]["student"]["miou"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None

@@ -11,7 +11,9 @@ import torch
 
 from dssn.config import load_config
 from dssn.data.synthetic import make_synthetic
-from dssn.engine.trainer import TrainingError, train
+from dssn.apps.train import train
+from dssn.errors import TrainingError
+from dssn.viz.compare import compare_runs
 
 
 def _table(rows: list[dict], class_names: list[str]) -> str:
@@ -61,8 +63,6 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
-    from dssn.viz.compare import compare_runs  # per-class winners: compare.md/.csv/.png (issue 6)
-
     print()
     compare_runs([r["run_dir"] for r in rows], out_dir)
     return rows

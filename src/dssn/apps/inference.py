@@ -24,8 +24,12 @@ import yaml
 from torch import nn
 
 from dssn.config import Config, build_config, deep_merge, load_config, parse_overrides
+from dssn.data import class_names_for, palette_for
 from dssn.engine.checkpoint import is_dssn_checkpoint, read_torch_file
+from dssn.engine.runtime import resolve_device
 from dssn.errors import DssnError
+from dssn.models import build_model
+from dssn.models.weights import load_state_dict, unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -84,11 +88,6 @@ def load_for_inference(checkpoint: str | Path, config: str | None = None, overri
                        device: torch.device | str | None = None) -> InferenceModels:
     """Build the network(s) in ``checkpoint`` (see the module doc) in eval mode on ``device``
     (default: ``train.device`` of the config, ``auto`` = CUDA when available)."""
-    from dssn.data import class_names_for, palette_for
-    from dssn.engine.trainer import resolve_device
-    from dssn.models import build_model
-    from dssn.models.weights import load_state_dict, unwrap_state_dict
-
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")

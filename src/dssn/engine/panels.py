@@ -14,10 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dssn.viz.colors import (
-    FADE,
-    IGNORE,
-    NOT_SELECTED_GREY,
+from dssn.data.colors import (
     PAD_COLOUR,
     colourise,
     grid,
@@ -90,66 +87,3 @@ class Panels:
         if self.unl_image is not None and len(self.unl_image):
             out["unlabeled"] = grid(self.unl_tiles(palette))
         return out
-
-
-def legend_handles(class_names: list[str], palette: list[int], extra: bool = True) -> list:
-    from matplotlib.patches import Patch
-
-    table = palette_array(palette)
-    handles = [Patch(facecolor=table[c] / 255, edgecolor="0.3", linewidth=0.5, label=name)
-               for c, name in enumerate(class_names)]
-    if extra:
-        handles.append(Patch(facecolor=table[IGNORE] / 255, edgecolor="0.3", linewidth=0.5, label="ignore / padding"))
-    return handles
-
-
-def panels_figure(panels: Panels, class_names: list[str], palette: list[int]):
-    """One labelled matplotlib ``Figure``: each row a validation image (image | ground truth | each
-    model's prediction) and, to the right, an unlabeled weak view with its pseudo label (unselected
-    pixels faded to grey); column titles on top, a legend of the class colours below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    val_rows, unl_rows = panels.val_tiles(palette), panels.unl_tiles(palette)
-    # (grid column, title, rows of tiles, index in a row)
-    columns = [(c, title, val_rows, c) for c, title in enumerate(panels.val_columns())]
-    n_val = len(columns)
-    if unl_rows:
-        columns += [(n_val + 1 + c, title, unl_rows, c)
-                    for c, title in enumerate(["unlabeled weak view", "pseudo label"])]
-    n_rows = max(len(val_rows), len(unl_rows))
-    tile, gap = 1.75, (0.35 if unl_rows else 0.0)
-    n_entries = len(class_names) + 1 + (1 if unl_rows else 0)
-    width = tile * len(columns) + gap + 0.5
-    ncol_legend = max(1, min(n_entries, int(width / 1.3)))
-    legend_h = 0.24 * -(-n_entries // ncol_legend) + 0.15
-    top_h = 0.65
-    height = tile * n_rows + top_h + legend_h
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    ratios = [1.0] * n_val + ([gap / tile, 1.0, 1.0] if unl_rows else [])
-    spec = fig.add_gridspec(n_rows, len(ratios), width_ratios=ratios, left=0.4 / width, right=1 - 0.1 / width,
-                            top=1 - top_h / height, bottom=legend_h / height, wspace=0.05, hspace=0.05)
-    for r in range(n_rows):
-        for k, (col, title, rows, idx) in enumerate(columns):
-            ax = fig.add_subplot(spec[r, col])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r < len(rows):
-                ax.imshow(rows[r][idx], interpolation="nearest")
-            else:
-                ax.axis("off")
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-            if k == 0 and r < len(panels.names):
-                ax.set_ylabel(Path(panels.names[r]).stem, fontsize=8)
-    handles = legend_handles(class_names, palette)
-    if unl_rows:
-        example = (1 - FADE) * palette_array(palette)[1] / 255 + FADE * NOT_SELECTED_GREY / 255
-        handles.append(Patch(facecolor=example, edgecolor="0.3", linewidth=0.5,
-                             label="not selected (class colour faded to grey)"))
-    what = "validation predictions" + (" | teacher pseudo labels on unlabeled views" if unl_rows else "")
-    fig.suptitle(f"{what}, iteration {panels.step}", fontsize=10, y=1 - 0.1 / height)
-    fig.legend(handles=handles, loc="lower center", ncol=ncol_legend, fontsize=8, frameon=False)
-    return fig
