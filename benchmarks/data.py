@@ -3,7 +3,7 @@
 Measures, in one process with one torch thread (what a DataLoader worker gets):
 
 1. samples per second for *unlabeled* training samples (weak view + two strong views +
-   two CutMix boxes + ignore mask, SPEC 5.1) on VOC-sized JPEGs (500x375, crop 513,
+   two CutMix boxes + ignore mask, docs/method.md §6) on VOC-sized JPEGs (500x375, crop 513,
    strong ops on, written on the fly into a temp folder) and on the built-in
    synthetic data (96x96, crop 64), plus labeled samples for comparison;
 2. the time of each augmentation step on a 513x513 weak view: every op of the

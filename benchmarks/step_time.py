@@ -1,4 +1,4 @@
-"""Cost of the training diagnostics (issue 6) on the DSSN step.
+"""Cost of the training diagnostics on the DSSN step.
 
 Times full training steps (forward, backward, SGD, EMA) of the DSSN method on one
 fixed random batch, so that data loading does not blur the numbers, in three modes:

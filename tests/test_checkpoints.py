@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes (issue 4): exact resume, atomic files, refusals, failures."""
+"""Checkpoints that survive crashes: exact resume, atomic files, refusals, failures."""
 
 from __future__ import annotations
 

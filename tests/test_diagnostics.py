@@ -1,4 +1,4 @@
-"""Pseudo-label statistics and health checks (issue 6) against direct counts on hand-made tensors."""
+"""Pseudo-label statistics and health checks against direct counts on hand-made tensors."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""Confusion-matrix mIoU and the inference modes (SPEC 6)."""
+"""Confusion-matrix mIoU and the inference modes (docs/method.md §7)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Using a trained network (issue 4): released weights, evaluation options, prediction, export."""
+"""Using a trained network: released weights, evaluation options, prediction, export."""
 
 from __future__ import annotations
 

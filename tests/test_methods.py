@@ -112,8 +112,8 @@ def channels_last(batch):
 
 @pytest.mark.parametrize("step,speed", [(0, None), (3, None), (3, "channels_last"), (3, "checkpoint_backbone")])
 def test_dssn_step_equals_literal_spec(step, speed):
-    """Our step (batched streams, inference-mode teacher, and optionally the speed switches of
-    issue 5) against the literal reading: losses within 1e-5, gradients and BN statistics too."""
+    """Our step (batched streams, inference-mode teacher, and optionally the speed switches:
+    channels-last, activation checkpointing) against the literal reading: losses within 1e-5, gradients and BN statistics too."""
     method, _ = make_method()
     student, teacher = copy.deepcopy(method.student), copy.deepcopy(method.teacher)
     batch = make_batch()

@@ -1,4 +1,4 @@
-"""Report, comparison and sweep (issue 6), generated from tiny runs and hand-made run folders."""
+"""Report, comparison and sweep, generated from tiny runs and hand-made run folders."""
 
 import json
 import re

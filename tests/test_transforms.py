@@ -1,4 +1,4 @@
-"""Hand-checkable properties of the SPEC 5.1 augmentations."""
+"""Hand-checkable properties of the augmentations of docs/method.md §6."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """dssn: semi-supervised semantic segmentation with DSSN (ACM MM 2023).
 
-The stable public API (SPEC section 8) is re-exported here.
+The stable public API (README, "Python API") is re-exported here.
 """
 
 from dssn.engine.evaluate import mean_iou

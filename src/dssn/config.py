@@ -154,7 +154,7 @@ class TrainConfig(_Section):
     progress: bool = True
     report: bool = True
     """Write ``report.html`` into the run folder when training ends (``dssn report RUN`` redoes it)."""
-    # ---- checkpoints and resume (issue 4)
+    # ---- checkpoints and resume
     checkpoint_every: int = Field(1000, ge=0)
     """Write a checkpoint every N iterations (0: only at epoch ends); one is always written at each
     epoch end and at the last step."""
@@ -169,7 +169,7 @@ class TrainConfig(_Section):
     interrupted and resumed ends bit-identical to one that ran straight through (CPU)."""
     stop_after: int | None = Field(None, ge=1)
     """Debugging: stop after this many iterations as if killed (no extra checkpoint, no final eval)."""
-    # ---- scale and speed (issue 5)
+    # ---- scale and speed
     accumulate: int = Field(1, ge=1)
     """Micro-batches per optimizer step: one process with ``accumulate=4`` takes the effective batch,
     iterations per epoch and learning-rate schedule of four processes (batch-norm statistics
@@ -200,7 +200,7 @@ class EvalConfig(_Section):
 
 
 class DiagConfig(_Section):
-    """Training diagnostics (issue 6): pseudo-label statistics, health checks, image panels."""
+    """Training diagnostics: pseudo-label statistics, health checks, image panels."""
 
     enabled: bool = True
     """Compute the statistics at log steps (``train.log_every``); other steps are unaffected."""

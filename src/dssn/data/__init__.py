@@ -171,7 +171,7 @@ def _load(source: Path | Split, key: str) -> Split:
 
 
 def build_train_datasets(cfg: Config) -> tuple[SegmentationDataset, SegmentationDataset | None]:
-    """Labeled and unlabeled training sets (SPEC 5.1).
+    """Labeled and unlabeled training sets (docs/method.md §6).
 
     The labeled set is repeated to cover one pass over the unlabeled set, so an
     epoch is one pass over the unlabeled images whatever the method.

@@ -1,4 +1,4 @@
-"""Augmentations for semi-supervised segmentation (SPEC 5.1).
+"""Augmentations for semi-supervised segmentation (docs/method.md §6).
 
 Every op takes and returns PIL images. Randomness always comes from an explicit
 ``random.Random`` passed as ``rng`` (keyword-only), so a dataset can give each sample
@@ -254,7 +254,7 @@ def random_strong_ops(
 def strong_view(img_w: Image.Image, strong_ops: bool = True, *, rng: random.Random) -> Image.Image:
     """A strong view of the weak view: jitter -> grayscale -> blur -> (optionally) strong ops.
 
-    ``strong_ops`` is on for PASCAL/COCO and off for Cityscapes (SPEC 5.2).
+    ``strong_ops`` is on for PASCAL/COCO and off for Cityscapes (docs/method.md §9).
     """
     img = color_jitter(img_w, rng=rng)
     img = random_grayscale(img, rng=rng)

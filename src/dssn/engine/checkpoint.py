@@ -36,7 +36,7 @@ import torch
 from dssn.errors import DssnError
 
 FORMAT = "dssn-checkpoint-2"
-"""Version 2 adds RNG states and the run history (needed for an exact resume)."""
+"""The checkpoint layout; it holds the RNG states and the run history an exact resume needs."""
 LAST = "last.pt"
 BEST = "best.pt"
 CHECKPOINTS_DIR = "checkpoints"

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 6): confusion-matrix mIoU over the whole set, three inference modes,
+"""Evaluation (docs/method.md §7): confusion-matrix mIoU over the whole set, three inference modes,
 optional multi-scale and flip averaging (``eval.scales``, ``eval.flip``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DeepLabV3+ with feature-perturbed decoding streams (SPEC section 2).
+"""DeepLabV3+ with feature-perturbed decoding streams (docs/method.md §2.1, §2.4).
 
 Submodule names (``backbone``, ``head.b0..b4``, ``head.project``, ``reduce``,
 ``fuse``, ``classifier``) match the authors' released checkpoints.
