@@ -24,9 +24,7 @@ on a GPU ``python benchmarks/step.py --backbone resnet101 --crop 513 --precision
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -38,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from dssn.config import load_config
+from dssn.constants import IGNORE
 from dssn.engine.evaluate import sliding_window_logits, window_starts
 from dssn.engine.runtime import resolve_device, to_device
 from dssn.engine.trainer import build_training, optimizer_step
 from dssn.method import Batch
-from dssn.method.components import IGNORE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import make_batch  # noqa: E402

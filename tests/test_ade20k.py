@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import H, W, ade20k_raw_labels, make_ade20k_raw, tiny_config
 from PIL import Image
 
+from data_fixtures import H, W, ade20k_raw_labels, make_ade20k_raw, tiny_config
 from dssn.cli import main
 from dssn.data import DataError, build_train_datasets, build_val_dataset, class_names_for, decoder_for, palette_for
 from dssn.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, Ade20kDecoder, ade20k_class_ids

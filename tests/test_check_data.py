@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import W, H, make_folder, make_voc, tiny_config, write_image, write_index_mask
 from PIL import Image
 
+from data_fixtures import H, W, make_folder, make_voc, tiny_config, write_image, write_index_mask
 from dssn.cli import main
 from dssn.data import DataError, build_val_dataset
 from dssn.data.check import check_full

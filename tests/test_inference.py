@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dssn.apps.inference import load_for_inference
 from dssn.cli import main
 from dssn.config import load_config
 from dssn.engine.evaluate import predict, predict_tta
-from dssn.apps.inference import load_for_inference
 from dssn.engine.trainer import train
 from dssn.models import build_model
 from nets import PixelwiseNet

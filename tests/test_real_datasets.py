@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from data_fixtures import (
     H,
     W,
@@ -18,8 +20,6 @@ from data_fixtures import (
     tiny_config,
     write_image,
 )
-from PIL import Image
-
 from dssn.cli import main
 from dssn.data import COCO_CATEGORY_IDS, COCO_CLASSES, DataError, build_train_datasets, build_val_dataset
 from dssn.data.datasets import MaskDecoder, MaskError, load_split, parse_split, to_rgb

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
+from dssn.apps.sweep import expand_grid, parse_sweep_args, plan_sweep, run_name, run_sweep
+from dssn.apps.train import train
 from dssn.cli import main
 from dssn.config import load_config
-from dssn.apps.train import train
 from dssn.engine.trainer import TrainResult
-from dssn.apps.sweep import expand_grid, parse_sweep_args, plan_sweep, run_name, run_sweep
 from dssn.viz.compare import compare_runs
 from dssn.viz.report import SECTIONS
 

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from dssn.config import load_config
+from dssn.constants import IGNORE
 from dssn.data import data_root, synthetic
 from dssn.data.synthetic import (
     CLASS_NAMES,
     GENERATOR_VERSION,
-    IGNORE_INDEX,
     NUM_CLASSES,
     class_frequencies,
     make_synthetic,
@@ -105,7 +105,7 @@ def test_render_sample_shapes() -> None:
     image, mask = render_sample(np.random.default_rng(0), 80)
     assert image.shape == (80, 80, 3) and image.dtype == np.uint8
     assert mask.shape == (80, 80) and mask.dtype == np.uint8
-    assert set(np.unique(mask)) <= set(range(NUM_CLASSES)) | {IGNORE_INDEX}
+    assert set(np.unique(mask)) <= set(range(NUM_CLASSES)) | {IGNORE}
 
 
 def test_deterministic(small: Path, tmp_path: Path) -> None:
@@ -151,8 +151,8 @@ def test_masks_are_voc_palette_pngs(small: Path) -> None:
             assert mask.mode == "P" and mask.size == (64, 64)
             assert mask.getpalette()[: 3 * NUM_CLASSES] == palette[: 3 * NUM_CLASSES]
             seen |= set(np.unique(np.asarray(mask)).tolist())
-    assert seen <= set(range(NUM_CLASSES)) | {IGNORE_INDEX}
-    assert {0, 1, IGNORE_INDEX} <= seen
+    assert seen <= set(range(NUM_CLASSES)) | {IGNORE}
+    assert {0, 1, IGNORE} <= seen
     with Image.open(small / "JPEGImages/train_00000.jpg") as image:
         assert image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
 
@@ -165,7 +165,7 @@ def test_manifest(small: Path) -> None:
     for _, mask_path in _split(small, "full/labeled.txt"):
         counts += np.bincount(_mask(small / mask_path).ravel(), minlength=256)
     assert manifest["train_pixel_counts"] == {n: int(counts[i]) for i, n in enumerate(CLASS_NAMES)}
-    assert manifest["train_ignored_pixels"] == counts[IGNORE_INDEX]
+    assert manifest["train_ignored_pixels"] == counts[IGNORE]
     frequencies = class_frequencies(small)
     assert list(frequencies) == list(CLASS_NAMES)
     assert sum(frequencies.values()) == pytest.approx(1.0)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY)

@@ -9,22 +9,19 @@ from pathlib import Path
 
 import torch
 
-from dssn.config import load_config
 from dssn.apps.train import train
+from dssn.config import load_config
 from dssn.data.synthetic import resolve_synthetic
 from dssn.errors import TrainingError
 from dssn.viz.compare import compare_runs
+from dssn.viz.tables import markdown, score
 
 
 def _table(rows: list[dict], class_names: list[str]) -> str:
     head = ["method", "mIoU", "teacher mIoU", *class_names, "wall time (s)", "seed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        teacher = f"{r['teacher_miou']:.2f}" if r["teacher_miou"] is not None else "-"
-        ious = ["-" if v is None else f"{v:.1f}" for v in r["per_class"].values()]
-        cells = [r["method"], f"{r['miou']:.2f}", teacher, *ious, f"{r['wall_time']:.0f}", str(r["seed"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown(head, [[r["method"], score(r["miou"], 2), score(r["teacher_miou"], 2),
+                            *(score(v) for v in r["per_class"].values()), f"{r['wall_time']:.0f}", str(r["seed"])]
+                           for r in rows])
 
 
 def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | None = None,

@@ -10,6 +10,7 @@ from dssn.apps.inference import load_for_inference
 from dssn.data import build_val_dataset
 from dssn.engine.evaluate import evaluate
 from dssn.engine.runtime import make_loader
+from dssn.viz.tables import aligned, score
 
 
 def evaluate_checkpoint(checkpoint: str, config: str | None = None,
@@ -35,17 +36,9 @@ def iou_table(results: dict[str, dict]) -> str:
     """Per-class IoU (percent) with one column per network, then the mIoU row."""
     names = list(results)
     classes = list(next(iter(results.values()))["per_class"]) if results else []
-    width = max([16, *(len(c) for c in classes)])
-    cols = [max(8, len(n)) for n in names]
-
-    def cell(v: float | None, w: int) -> str:
-        return f"{'-' if v is None else f'{v:.2f}':>{w}}"
-
-    lines = [f"{'class':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols))]
-    for c in classes:
-        lines.append(f"{c:<{width}}  " + "  ".join(cell(results[n]["per_class"][c], w) for n, w in zip(names, cols)))
-    lines.append(f"{'mIoU':<{width}}  " + "  ".join(cell(results[n]["miou"], w) for n, w in zip(names, cols)))
-    return "\n".join(lines)
+    rows = [[c, *(score(results[n]["per_class"][c], 2) for n in names)] for c in classes]
+    rows.append(["mIoU", *(score(results[n]["miou"], 2) for n in names)])
+    return aligned(["class", *names], rows, min_width=8)
 
 
 def write_scores(results: dict[str, dict], out_dir: str | Path) -> list[Path]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dssn.data.datasets import IGNORE_INDEX, MaskDecoder, MaskError
+from dssn.constants import IGNORE
+from dssn.data.datasets import MaskDecoder, MaskError
 
 ADE20K_NUM_CLASSES = 150
 ADE20K_RAW_MAX = ADE20K_NUM_CLASSES
@@ -68,7 +69,7 @@ _MAPPED_HINT = ("; masks already holding class ids 0..149 and 255 (UniMatch V2's
 
 def ade20k_lut() -> np.ndarray:
     """Official value (0..150) -> class id: 0 ("other") -> 255, k -> k - 1."""
-    return np.concatenate(([IGNORE_INDEX], np.arange(ADE20K_NUM_CLASSES))).astype(np.uint8)
+    return np.concatenate(([IGNORE], np.arange(ADE20K_NUM_CLASSES))).astype(np.uint8)
 
 
 _LUT = ade20k_lut()

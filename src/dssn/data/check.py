@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dssn.config import Config
+from dssn.constants import IGNORE
 from dssn.data import ROLES, class_names_for, data_root, decoder_for, split_sources
 from dssn.data.datasets import (
-    IGNORE_INDEX,
     DataError,
     MaskDecoder,
     Problem,
@@ -68,7 +68,7 @@ class DataReport:
 
     def ignore_share(self, role: str) -> float:
         counts = self.pixel_counts[role]
-        return float(counts[IGNORE_INDEX] / counts.sum()) if counts.sum() else 0.0
+        return float(counts[IGNORE] / counts.sum()) if counts.sum() else 0.0
 
 
 def format_problems(problems: list[Problem], limit: int | None = None) -> str:
@@ -203,7 +203,7 @@ def check_full(cfg: Config, workers: int = 1, progress: bool = False) -> DataRep
 def _looks_binary(report: DataReport, role: str) -> bool:
     """Only class 0 and 255 occur: the signature of 0/255 masks read without a value map."""
     counts = report.pixel_counts[role]
-    return bool(counts[IGNORE_INDEX] > 0 and counts[0] > 0 and counts[1:len(report.class_names)].sum() == 0)
+    return bool(counts[IGNORE] > 0 and counts[0] > 0 and counts[1:len(report.class_names)].sum() == 0)
 
 
 def summary_text(report: DataReport) -> str:

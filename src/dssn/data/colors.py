@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from dssn.constants import IGNORE
 from dssn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IGNORE = 255
 NOT_SELECTED_GREY = np.array([128, 128, 128], dtype=np.float32)
 FADE = 0.75
 """Unselected pseudo-label pixels: the class colour pulled this far toward grey."""

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dssn.constants import IGNORE
 from dssn.data.batch import UnlabeledViews
 from dssn.data.transforms import (
     cutmix_box,
@@ -41,10 +42,9 @@ Mode = Literal["train_l", "train_u", "val"]
 MODES: tuple[str, ...] = ("train_l", "train_u", "val")
 RGB = tuple[int, int, int]
 
-IGNORE_INDEX = 255
 # Fill for the mask cropped with unlabeled images (an all-zero dummy, or the true mask
 # when asked for): any value that is neither a class id nor 255 works; padded pixels
-# become IGNORE_INDEX in ``ignore``.
+# become IGNORE in ``ignore``.
 _PAD_MARKER = 254
 
 
@@ -228,12 +228,12 @@ class MaskDecoder:
         if self.value_map is not None:
             for value, cls in self.value_map.items():
                 lut[value] = cls
-            if IGNORE_INDEX not in self.value_map:
-                lut[IGNORE_INDEX] = IGNORE_INDEX
+            if IGNORE not in self.value_map:
+                lut[IGNORE] = IGNORE
         else:
             n = 256 if self.num_classes is None else min(self.num_classes, 256)
             lut[:n] = np.arange(n)
-            lut[IGNORE_INDEX] = IGNORE_INDEX
+            lut[IGNORE] = IGNORE
         return lut
 
     def _decode_values(self, values: np.ndarray) -> np.ndarray:
@@ -265,7 +265,7 @@ class MaskDecoder:
         classes = list(range(len(colours)))
         if self.ignore_color is not None:
             colours.append(tuple(self.ignore_color))
-            classes.append(IGNORE_INDEX)
+            classes.append(IGNORE)
         codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], dtype=np.int64)
         order = np.argsort(codes)
         return codes[order], np.array(classes, dtype=np.uint8)[order]
@@ -413,7 +413,7 @@ class SegmentationDataset(Dataset):
 
         rng = self._rng(index)
         img, mask = resize_long_side(img, mask, rng=rng)
-        img, mask = pad_crop(img, mask, self.crop_size, IGNORE_INDEX, rng=rng)
+        img, mask = pad_crop(img, mask, self.crop_size, IGNORE, rng=rng)
         img, mask = hflip(img, mask, rng=rng)
         return to_tensor_normalized(img), mask_to_tensor(mask)
 
@@ -432,7 +432,7 @@ class SegmentationDataset(Dataset):
         box2 = cutmix_box(self.crop_size, rng=rng)
 
         padded = np.asarray(companion) == _PAD_MARKER
-        ignore = torch.from_numpy(np.where(padded, IGNORE_INDEX, 0).astype(np.int64))
+        ignore = torch.from_numpy(np.where(padded, IGNORE, 0).astype(np.int64))
         return UnlabeledViews(
             weak=to_tensor_normalized(img),
             strong1=to_tensor_normalized(strong1),

@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from dssn.data.datasets import IGNORE_INDEX, RGB, DataError, MaskDecoder, Split, SplitEntry
+from dssn.constants import IGNORE
+from dssn.data.datasets import RGB, DataError, MaskDecoder, Split, SplitEntry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 KINDS = ("pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic")
@@ -76,7 +77,7 @@ def _parse_values(path: Path, raw: Any, num_classes: int) -> dict[int, int]:
     for value, cls in raw.items():
         if not isinstance(value, int) or not 0 <= value <= 65535:
             raise _meta_error(path, "values", f"stored value {value!r} must be an integer 0..65535")
-        if not isinstance(cls, int) or not (0 <= cls < num_classes or cls == IGNORE_INDEX):
+        if not isinstance(cls, int) or not (0 <= cls < num_classes or cls == IGNORE):
             raise _meta_error(path, "values", f"{value}: {cls!r} is not a class id 0..{num_classes - 1} or 255")
         out[value] = cls
     return out

@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dssn.constants import IGNORE
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
-from dssn.data.datasets import IGNORE_INDEX, DataError, MaskError, open_image
+from dssn.data.datasets import DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
 
 # The official Cityscapes label table (cityscapesScripts, helpers/labels.py): trainId of
@@ -74,7 +75,7 @@ def _write_all(jobs: Iterable[tuple[Path, Callable[[], np.ndarray]]], total: int
 
 def cityscapes_lut() -> np.ndarray:
     """labelId (0..255) -> trainId; ids outside the official table map to 255."""
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut = np.full(256, IGNORE, dtype=np.uint8)
     lut[: len(CITYSCAPES_TRAIN_IDS)] = CITYSCAPES_TRAIN_IDS
     return lut
 

@@ -33,10 +33,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from dssn.constants import IGNORE
+
 __all__ = [
     "CLASS_NAMES",
     "GENERATOR_VERSION",
-    "IGNORE_INDEX",
     "NUM_CLASSES",
     "class_frequencies",
     "make_synthetic",
@@ -48,7 +49,6 @@ __all__ = [
 
 #: Bump whenever the files made for the same parameters change: it names the cache folders.
 GENERATOR_VERSION = 5
-IGNORE_INDEX = 255
 MANIFEST_NAME = "dataset.json"
 _GENERATOR_ID = "dssn.data.synthetic"
 _SPLIT_IDS = {"train": 0, "val": 1, "labeled-subset": 2}
@@ -393,7 +393,7 @@ def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
         labels[mask] = class_index + 1
         instances[mask] = instance
 
-    labels[_boundary_band(instances)] = IGNORE_INDEX
+    labels[_boundary_band(instances)] = IGNORE
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), labels
 
@@ -513,12 +513,12 @@ def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
         "version": GENERATOR_VERSION,
         "params": params,
         "class_names": list(CLASS_NAMES),
-        "ignore_index": IGNORE_INDEX,
+        "ignore_index": IGNORE,
         "split_name": fraction_name,
         "counts": {"train": num_train, "val": params["num_val"], "labeled": len(labeled),
                    "unlabeled": len(unlabeled)},
         "train_pixel_counts": {name: int(pixel_counts[i]) for i, name in enumerate(CLASS_NAMES)},
-        "train_ignored_pixels": int(pixel_counts[IGNORE_INDEX]),
+        "train_ignored_pixels": int(pixel_counts[IGNORE]),
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from dssn.constants import IGNORE
 
 
-
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """``[C, C]`` int64 counts, rows = ground truth, columns = prediction; 255 excluded."""
     valid = target != IGNORE

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 

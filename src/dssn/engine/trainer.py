@@ -23,17 +23,41 @@ from torch.utils.data import Subset
 
 from dssn.config import Config
 from dssn.data import build_train_datasets, build_val_dataset, class_names_for, palette_for
-from dssn.engine.checkpoint import (FORMAT, capture_rng_state, load_checkpoint, restore_rng_state,
-                                    save_checkpoint, state_nbytes)
-from dssn.engine.distributed import (DistInfo, all_reduce_sum, average_buffers, broadcast_from_main, gather_to_main,
-                                     init_distributed, process_device, run_on_main, shard, shutdown, wrap_ddp)
-from dssn.engine.rundir import check_free_space, open_run_dir
-from dssn.engine.runtime import (make_loader, make_train_loader, resolve_device, seed_everything, set_deterministic,
-                                  to_device, use_channels_last)
-from dssn.errors import TrainingError
+from dssn.engine.checkpoint import (
+    FORMAT,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    state_nbytes,
+)
+from dssn.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    average_buffers,
+    broadcast_from_main,
+    gather_to_main,
+    init_distributed,
+    process_device,
+    run_on_main,
+    shard,
+    shutdown,
+    wrap_ddp,
+)
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
 from dssn.engine.monitor import TrainingMonitor
+from dssn.engine.rundir import check_free_space, open_run_dir
+from dssn.engine.runtime import (
+    make_loader,
+    make_train_loader,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+    to_device,
+    use_channels_last,
+)
+from dssn.errors import TrainingError
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
 from dssn.models import build_model

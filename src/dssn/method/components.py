@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = 255
+from dssn.constants import IGNORE
 
 
 def cplg_mask(logits: Tensor, tau_low: float = 0.92, ratio: float = 0.96) -> Tensor:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dssn.method.components import IGNORE, cplg_mask, standardize, threshold_mask
+from dssn.constants import IGNORE
+from dssn.method.components import cplg_mask, standardize, threshold_mask
 
 
 @torch.no_grad()

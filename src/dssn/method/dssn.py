@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from dssn.config import MethodConfig, TrainConfig
+from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import (
-    IGNORE,
     contrastive_alignment,
     cplg_mask,
     cutmix,

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dssn.config import MethodConfig, TrainConfig
+from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
-from dssn.method.components import IGNORE, cutmix, eval_mode_logits, labeled_loss, threshold_mask
+from dssn.method.components import cutmix, eval_mode_logits, labeled_loss, threshold_mask
 from dssn.method.diagnostics import class_selection_counts, cplg_thresholds, cplg_vs_fixed_counts
 
 

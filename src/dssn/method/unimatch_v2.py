@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from dssn.config import MethodConfig, TrainConfig
+from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import (
-    IGNORE,
     cutmix,
     ema_momentum_at,
     ema_update,

@@ -19,6 +19,7 @@ import numpy as np
 
 from dssn.data.colors import class_colours
 from dssn.engine.rundir import RunData, RunFolderError, load_run
+from dssn.viz.tables import markdown, score
 
 TIE = 0.05
 """IoU points within which two runs share a class win."""
@@ -188,10 +189,6 @@ def compare_runs(paths: list[str | Path], out_dir: str | Path | None = None, lab
 
 # ---- text ---------------------------------------------------------------------------------------
 
-def _cell(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
 def format_table(c: Comparison) -> str:
     """Console table; ``*`` marks each class's winner."""
     names = c.class_names
@@ -204,8 +201,8 @@ def format_table(c: Comparison) -> str:
         cells = []
         for n in names:
             mark = "*" if r.label in c.winners.get(n, []) else " "
-            cells.append(f"{_cell(r.per_class.get(n)) + mark:>{col}}")
-        lines.append(f"{r.label:<{width}}{_cell(r.miou, 2):>7}  " + "".join(cells) + f"  {len(wins[r.label])}")
+            cells.append(f"{score(r.per_class.get(n)) + mark:>{col}}")
+        lines.append(f"{r.label:<{width}}{score(r.miou, 2):>7}  " + "".join(cells) + f"  {len(wins[r.label])}")
     lines.append("* best IoU for the class (within %.2g points); " % TIE + f"scores: {c.runs[0].model} networks")
     best = c.best()
     if c.swept:
@@ -216,17 +213,17 @@ def format_table(c: Comparison) -> str:
 def markdown_table(c: Comparison) -> str:
     names = c.class_names
     head = ["run", "method", "mIoU", *names, "classes won"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     best = c.best().label if len(c.runs) > 1 else None
     for r in c.runs:
-        miou = _cell(r.miou, 2)
+        miou = score(r.miou, 2)
         cells = [r.label, r.method, f"**{miou}**" if r.label == best else miou]
         for n in names:
-            v = _cell(r.per_class.get(n))
+            v = score(r.per_class.get(n))
             cells.append(f"**{v}**" if r.label in c.winners.get(n, []) else v)
         cells.append(", ".join(c.wins[r.label]) or "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown(head, rows)
 
 
 def _write_markdown(c: Comparison, path: Path) -> Path:
@@ -290,7 +287,7 @@ def _plot(c: Comparison, palette: list[int], path: Path) -> Path:
     mious = [r.miou if math.isfinite(r.miou) else 0 for r in runs]
     ax_m.barh(y, mious, color=colours, edgecolor="0.2", linewidth=0.5)
     for i, r in enumerate(runs):
-        ax_m.annotate(_cell(r.miou, 2), (mious[i], i), xytext=(3, 0), textcoords="offset points", va="center",
+        ax_m.annotate(score(r.miou, 2), (mious[i], i), xytext=(3, 0), textcoords="offset points", va="center",
                       fontsize=8, fontweight="bold" if r is c.best() and n_runs > 1 else "normal")
     ax_m.set_yticks(y, [r.label for r in runs], fontsize=8)
     ax_m.invert_yaxis()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from dssn.viz import plots
 from dssn.engine.panels import Panels
 from dssn.engine.rundir import REPORT_NAME, RunData, load_run
 from dssn.method.diagnostics import HealthRules
+from dssn.viz import plots
 
 SECTIONS = ("summary", "warnings", "config", "losses", "miou", "per-class-iou", "selection", "cplg-vs-fixed",
             "health", "predictions", "timing")
