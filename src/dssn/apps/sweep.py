@@ -24,6 +24,7 @@ from dssn.apps.train import train
 from dssn.config import ConfigError, load_config
 from dssn.engine.rundir import RESULT_NAME, is_finished
 from dssn.errors import DssnError
+from dssn.files import atomic_write_text
 from dssn.viz.compare import compare_runs
 
 SWEEP_FILE = "sweep.json"
@@ -123,10 +124,7 @@ def _write_sweep_file(out: Path, plan: SweepPlan) -> None:
         for key, values in old["axes"].items():
             data["axes"][key] = list(dict.fromkeys([*values, *plan.axes[key]]))
         data["runs"] = runs
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def default_out(config: str, fixed: list[str]) -> Path:

@@ -8,7 +8,6 @@ later run would skip.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from dssn.constants import IGNORE
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
 from dssn.data.datasets import DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
+from dssn.files import atomic_path
 
 # The official Cityscapes label table (cityscapesScripts, helpers/labels.py): trainId of
 # each labelId 0..33; 255 = ignored in training and evaluation. (The 'license plate'
@@ -52,10 +52,8 @@ def _save_atomic(mask: np.ndarray, path: Path, palette: list[int] | None = None)
     """Save a class-index mask as a palette PNG (indices are the class ids) via a temp file."""
     img = Image.fromarray(mask.astype(np.uint8), "L").convert("P")
     img.putpalette(palette or voc_palette(256))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def _write_all(jobs: Iterable[tuple[Path, Callable[[], np.ndarray]]], total: int, overwrite: bool,

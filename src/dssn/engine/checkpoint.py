@@ -25,7 +25,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from dssn.errors import DssnError
+from dssn.files import atomic_path
 
 FORMAT = "dssn-checkpoint-2"
 """The checkpoint layout; it holds the RNG states and the run history an exact resume needs."""
@@ -50,52 +50,21 @@ class CheckpointError(DssnError, RuntimeError):
 # ---------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make a rename durable
-    finally:
-        os.close(dir_fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename.
-
-    A crash at any moment leaves either the old file or the new one, never a
-    partial file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` through a temporary file flushed to disk and renamed: a crash at any
+    moment leaves the old file or the new one, never a partial file under the final name."""
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same file as ``src`` (hard link, renamed into place; a copy
     where the file system has no hard links). Never leaves a partial ``dst``."""
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
 
 
 def step_files(run_dir: Path) -> list[tuple[int, Path]]:

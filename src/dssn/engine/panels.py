@@ -21,6 +21,7 @@ from dssn.data.colors import (
     palette_array,
     pseudo_label_rgb,
 )
+from dssn.files import atomic_path
 
 
 @dataclass
@@ -43,10 +44,8 @@ class Panels:
         if self.unl_image is not None:
             arrays.update(unl_image=self.unl_image, unl_valid=self.unl_valid, unl_pseudo=self.unl_pseudo,
                           unl_selected=self.unl_selected)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path, durable=False) as tmp, tmp.open("wb") as f:
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod
