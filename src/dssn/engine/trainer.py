@@ -34,6 +34,7 @@ from dssn.errors import TrainingError
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
 from dssn.engine.monitor import TrainingMonitor
+from dssn.engine.precision import precision_name, resolve_precision
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
 from dssn.models import build_model
@@ -119,6 +120,8 @@ class TrainingParts:
     channels_last: bool
     ddp: nn.parallel.DistributedDataParallel | None
     sync_bn: bool
+    precision_reason: str = ""
+    """Why ``autocast_dtype`` was chosen (``engine.precision.resolve_precision``)."""
 
 
 def build_training(cfg: Config, device: torch.device, iters_per_epoch: int,
@@ -140,9 +143,9 @@ def build_training(cfg: Config, device: torch.device, iters_per_epoch: int,
         method.student = ddp
     if t.compile:
         method.student = torch.compile(method.student)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    return TrainingParts(method, optimizer, scaler, autocast_dtype, channels_last, ddp, sync_bn)
+    autocast_dtype, precision_reason = resolve_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    return TrainingParts(method, optimizer, scaler, autocast_dtype, channels_last, ddp, sync_bn, precision_reason)
 
 
 def optimizer_step(method: Method, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], step: int,
@@ -235,6 +238,7 @@ class Trainer:
 
         # Only rank 0 writes; a problem it finds stops every rank.
         self.logger, self.monitor = run_on_main(open_logs, dist) or (_Quiet(), _Quiet())
+        self.monitor.note_precision(precision_name(parts.autocast_dtype), parts.precision_reason)
         self.step = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
