@@ -125,7 +125,7 @@ def test_build_training_uses_the_resolved_precision(cpu_has, setting, native, dt
 def test_a_run_logs_and_records_the_choice(data_root, tmp_path, cpu_has, capsys):
     cpu_has(["AVX-512 BF16"])  # auto -> bf16 here, whatever this CPU is (a tiny run, slow bf16 is fine)
     run = tmp_path / "run"
-    train(tiny(data_root, run, "method.name=supervised", "train.iters=1", "diag.panels=0"))
+    train(tiny(data_root, run, "method.name=supervised", "train.iters=1", "diag.panels=0", "train.precision=auto"))
     info = json.loads((run / "run_info.json").read_text())
     assert info["precision"] == "bf16"
     assert info["precision_reason"] == "auto: CPU with native bf16 (AVX-512 BF16) -> bf16"
