@@ -64,8 +64,8 @@ def test_auto_on_a_cpu_with_native_bf16(cpu_has, features):
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32(cpu_has):
     cpu_has([], level="AVX2")
-    assert resolve_precision("auto", CPU) == (None, "auto: CPU without native bf16 (no AVX-512 BF16 or AMX; "
-                                                     "AVX2) -> fp32")
+    reason = "auto: CPU without native bf16 (no AVX-512 BF16 or AMX; AVX2) -> fp32"
+    assert resolve_precision("auto", CPU) == (None, reason)
 
 
 def test_auto_on_other_devices_is_fp32():
