@@ -10,7 +10,8 @@ Rows, in this order (each printed as soon as it is measured, so a run cut short 
   (``torch.cuda.max_memory_allocated``, weights and optimizer state included), achieved TFLOP/s
   (FLOPs counted by ``FlopCounterMode`` over one step) and its share of the device's dense bf16
   peak (a table of known devices; ``GPU_PEAK_TFLOPS`` overrides it);
-- the same for DINOv2-B with the DPT head at crop 518, 4 + 4, if ``dssn.models.dpt`` exists;
+- the same for DINOv2-B with the DPT head at crop 518, 4 + 4 (the ``pascal-dinov2`` preset's
+  optimizer and schedule), if ``dssn.models.dpt`` exists;
 - ``sliding eval``: one 1026 x 1026 image in 513 windows (9), batches of 8 against one window at
   a time (``sliding_window_logits``), with the largest difference of their probabilities.
 
@@ -63,8 +64,8 @@ class StepCase:
     batch: int
     variant: str
     """``fp32`` / ``bf16``: the engine's step in that precision; ``research``: ``step.plain_step``."""
-    extra: tuple[str, ...] = ()
-    """Config overrides selecting the model (beyond ``model.backbone``)."""
+    preset: str = "pascal"
+    """The training settings (optimizer, schedule) of this model."""
     needs: str | None = None
     """A module that must import for this row to run."""
 
@@ -75,7 +76,7 @@ class StepCase:
 
 
 CASES = [StepCase("ResNet-101", "resnet101", 513, 2, v) for v in ("fp32", "bf16", "research")] + [
-    StepCase("DINOv2-B + DPT", "dinov2_b", 518, 4, v, ("model.name=dpt",), "dssn.models.dpt")
+    StepCase("DINOv2-B + DPT", "dinov2_b", 518, 4, v, "pascal-dinov2", "dssn.models.dpt")
     for v in ("fp32", "bf16", "research")]
 
 
@@ -139,7 +140,7 @@ def measure_step(case: StepCase, args: argparse.Namespace) -> dict:
     ns = argparse.Namespace(backbone=case.backbone, crop=case.crop, batch=case.batch, device=DEVICE.type,
                             teacher_bn="batch", precision="fp32" if research else case.variant,
                             channels_last="auto", compile=False, checkpoint_backbone=False)
-    cfg = config_for(ns, fast=not research, extra=case.extra)
+    cfg = config_for(ns, fast=not research, preset=case.preset)
     device = DEVICE
     torch.manual_seed(0)
     parts = build_training(cfg, device, iters_per_epoch=100)
