@@ -121,7 +121,8 @@ def plain_step(student, teacher, optimizer, batch: Batch, step: int, cfg) -> dic
 
 
 # ---- one variant, in its own process -------------------------------------------------------
-def config_for(args, fast: bool):
+def config_for(args, fast: bool, preset: str = "pascal"):
+    """The PASCAL preset (or ``preset``: another model's) at the benchmark's setting."""
     overrides = [f"model.backbone={args.backbone}", f"data.crop_size={args.crop}",
                  f"train.batch_size={args.batch}", f"train.batch_size_unlabeled={args.batch}",
                  f"train.device={args.device}", f"method.teacher_bn={args.teacher_bn}", "model.pretrained=null"]
@@ -130,7 +131,7 @@ def config_for(args, fast: bool):
                       f"train.compile={args.compile}", f"model.checkpoint_backbone={args.checkpoint_backbone}"]
     else:
         overrides += ["train.precision=fp32", "train.channels_last=false"]
-    return load_config("pascal", overrides)
+    return load_config(preset, overrides)
 
 
 def sync(device):

@@ -22,7 +22,7 @@ from dssn.method.supervised import Supervised
 TINY = ["model.backbone=resnet18", "model.backbone_width=8", "model.decoder_channels=8", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=4", "train.eval_every=100",
         "train.log_every=1", "train.progress=false", "train.threads=1", "train.deterministic=true",
-        "train.report=false", "diag.panels=0", "train.device=cpu"]
+        "train.report=false", "diag.panels=0", "train.device=cpu", "train.precision=fp32"]
 
 
 def overrides(data_root, run_dir, *extra):

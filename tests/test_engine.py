@@ -15,7 +15,8 @@ def tiny_overrides(data_root, run_dir, *extra):
     return [
         f"data.root={data_root}", f"run_dir={run_dir}", "model.decoder_channels=16", "data.crop_size=32",
         "data.num_workers=0", "train.batch_size=2", "train.batch_size_unlabeled=2", "train.iters=3",
-        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", "train.report=false", *extra]
+        "train.eval_every=1", "train.log_every=1", "train.progress=false", "train.threads=1", "train.report=false",
+        "train.precision=fp32", *extra]  # fp32 pinned: tests compare float32 numbers on any CPU
 
 
 def tiny(data_root, run_dir, *extra):

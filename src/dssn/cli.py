@@ -383,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the differing keys; train.resume=force resumes anyway). To resume: "
                                    "dssn train RUN/config.yaml run_dir=RUN. Several GPUs or machines: "
                                    "torchrun --nproc_per_node=N -m dssn train ... (batch sizes are per "
-                                   "process). Speed and memory: train.precision=bf16|fp16, train.accumulate=K, "
+                                   "process). Speed and memory: train.precision=auto|fp32|bf16|fp16 (auto, the "
+                                   "default: bf16 on GPUs with native bf16 and on CPUs with AMX or AVX-512 "
+                                   "BF16, else fp32; the log says which), train.accumulate=K, "
                                    "train.channels_last, train.compile=true, model.checkpoint_backbone=true.")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)

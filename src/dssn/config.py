@@ -174,9 +174,11 @@ class TrainConfig(_Section):
     """Micro-batches per optimizer step: one process with ``accumulate=4`` takes the effective batch,
     iterations per epoch and learning-rate schedule of four processes (batch-norm statistics
     still come from one micro-batch at a time)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision of the training step (autocast); ``fp16`` adds dynamic loss scaling.
-    Evaluation always runs in float32."""
+    ``auto``: bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with AMX or
+    AVX-512 BF16, fp32 elsewhere (``dssn.engine.precision``; the run log and ``run_info.json``
+    say which and why). Evaluation always runs in float32."""
     channels_last: bool | Literal["auto"] = "auto"
     """NHWC memory layout for networks and images; ``auto``: on GPUs only (on CPUs it was slower)."""
     compile: bool = False

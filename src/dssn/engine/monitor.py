@@ -80,6 +80,13 @@ class TrainingMonitor:
             "log_every": t.log_every, "grace_step": self.grace_step, "fixed_threshold": d.fixed_threshold,
         }
         write_json(self.run_dir / RUN_INFO_NAME, run_info)
+        self.run_info = run_info
+
+    def note_precision(self, precision: str, reason: str) -> None:
+        """The training step's precision and why: a log line and ``run_info.json``."""
+        self.run_info.update(precision=precision, precision_reason=reason)
+        write_json(self.run_dir / RUN_INFO_NAME, self.run_info)
+        self._message(f"precision: {precision} ({reason})")
 
     # ---- hooks ---------------------------------------------------------------------------------
     def before_step(self, step: int, batch: Batch) -> None:

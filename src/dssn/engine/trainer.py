@@ -47,6 +47,7 @@ from dssn.engine.distributed import (
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
 from dssn.engine.monitor import TrainingMonitor
+from dssn.engine.precision import precision_name, resolve_precision
 from dssn.engine.rundir import check_free_space, open_run_dir
 from dssn.engine.runtime import (
     make_loader,
@@ -143,6 +144,8 @@ class TrainingParts:
     channels_last: bool
     ddp: nn.parallel.DistributedDataParallel | None
     sync_bn: bool
+    precision_reason: str = ""
+    """Why ``autocast_dtype`` was chosen (``engine.precision.resolve_precision``)."""
 
 
 def build_training(cfg: Config, device: torch.device, iters_per_epoch: int,
@@ -164,9 +167,9 @@ def build_training(cfg: Config, device: torch.device, iters_per_epoch: int,
         method.student = ddp
     if t.compile:
         method.student = torch.compile(method.student)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    return TrainingParts(method, optimizer, scaler, autocast_dtype, channels_last, ddp, sync_bn)
+    autocast_dtype, precision_reason = resolve_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    return TrainingParts(method, optimizer, scaler, autocast_dtype, channels_last, ddp, sync_bn, precision_reason)
 
 
 def optimizer_step(method: Method, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], step: int,
@@ -259,6 +262,7 @@ class Trainer:
 
         # Only rank 0 writes; a problem it finds stops every rank.
         self.logger, self.monitor = run_on_main(open_logs, dist) or (_Quiet(), _Quiet())
+        self.monitor.note_precision(precision_name(parts.autocast_dtype), parts.precision_reason)
         self.step = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
