@@ -14,6 +14,7 @@ Needs the ``export`` extra: ``pip install 'dssn[export]'``.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -57,8 +58,6 @@ class _Logits(nn.Module):
 
 
 def _need(module: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise ExportError(f"this export needs the '{module}' package: pip install 'dssn[export]'")
 
@@ -71,7 +70,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], metad
                 opset: int = ONNX_OPSET, check: bool = True, tolerance: float = TOLERANCE) -> float | None:
     """Write ``model`` as ONNX to ``path``; returns the parity check's max difference (None if skipped)."""
     _need("onnx")
-    import onnx
+    import onnx  # the optional [export] extra, checked just above
 
     model = _Logits(model).eval().cpu()
     h, w = image_size
@@ -97,7 +96,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], metad
 
 def _check_onnx(model: nn.Module, path: Path, traced: tuple[int, int], tolerance: float) -> float | None:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: without it the export is not checked
     except ImportError:
         warnings.warn("onnxruntime is not installed: the exported model was not checked against PyTorch",
                       stacklevel=3)
@@ -121,7 +120,7 @@ def _check_onnx(model: nn.Module, path: Path, traced: tuple[int, int], tolerance
 def export_safetensors(model: nn.Module, path: Path, config_text: str, metadata: dict[str, str]) -> Path:
     """Write the state dict to ``path`` and the config to ``path`` with suffix ``.yaml``; returns the latter."""
     _need("safetensors")
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # the optional [export] extra, checked just above
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config_path = path.with_suffix(".yaml")

@@ -74,7 +74,7 @@ def _config(source: str, embedded: dict[str, Any] | None, config: str | None,
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError, safe_open  # the optional [export] extra
     except ImportError:
         raise InferenceError(f"reading {path} needs the safetensors package: pip install 'dssn[export]'") from None
     try:

@@ -229,6 +229,7 @@ def summary_text(report: DataReport) -> str:
 
 def plot_class_frequency(report: DataReport, path: Path) -> Path:
     """Bar plot of the class shares of each masked split, written as a PNG (Agg, no display)."""
+    # Imported here: matplotlib is slow to load and every training run imports this module.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

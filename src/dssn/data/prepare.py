@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dssn.constants import IGNORE
+from dssn.data import COCO_CATEGORY_IDS
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
 from dssn.data.datasets import DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
@@ -117,8 +118,6 @@ def _coco_api():  # noqa: ANN202 - pycocotools has no type hints
 
 def coco_class_of(categories: list[dict], source: Path) -> dict[int, int]:
     """COCO category id -> class id 1..80 (increasing category id; 0 is background)."""
-    from dssn.data import COCO_CATEGORY_IDS
-
     ids = sorted(int(c["id"]) for c in categories)
     if tuple(ids) != COCO_CATEGORY_IDS:
         extra = sorted(set(ids) - set(COCO_CATEGORY_IDS))

@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 
 from dssn.config import Config
 from dssn.data import build_train_datasets, build_val_dataset, class_names_for, palette_for
+from dssn.data.check import check_before_training
 from dssn.engine.checkpoint import (
     FORMAT,
     capture_rng_state,
@@ -466,8 +467,6 @@ def train(cfg: Config) -> TrainResult:
     Under torchrun every process calls this; they form one process group, rank 0 owns the run
     folder and the others learn from it where the run is and which checkpoint to resume.
     """
-    from dssn.data.check import check_before_training
-
     dist, created_group = init_distributed(resolve_device(cfg.train.device))
     try:
         # Fast data check first: stop before a run folder or model exists. Rank 0 goes first (it may

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from dssn.data.colors import class_colours
 from dssn.engine.rundir import RunData, RunFolderError, load_run
@@ -259,7 +262,6 @@ def _write_csv(c: Comparison, path: Path) -> Path:
 # ---- plots --------------------------------------------------------------------------------------
 
 def _run_colours(n: int) -> list:
-    from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
@@ -274,8 +276,6 @@ def _colour_ticks(ax, names: list[str], colours: list) -> None:
 
 
 def _plot(c: Comparison, palette: list[int], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     names, runs = c.class_names, c.runs
     n_runs = len(runs)
@@ -331,8 +331,6 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
 
 def _plot_sweep(c: Comparison, path: Path) -> Path:
     """mIoU against the first swept key; one line per combination of the others."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     key, rest = c.swept[0], c.swept[1:]
     fig = Figure(figsize=(7.5, 4.4))

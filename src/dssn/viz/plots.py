@@ -360,8 +360,6 @@ def panels_figure(panels: Panels, class_names: list[str], palette: list[int]):
     """One labelled matplotlib ``Figure``: each row a validation image (image | ground truth | each
     model's prediction) and, to the right, an unlabeled weak view with its pseudo label (unselected
     pixels faded to grey); column titles on top, a legend of the class colours below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     val_rows, unl_rows = panels.val_tiles(palette), panels.unl_tiles(palette)
     # (grid column, title, rows of tiles, index in a row)
     columns = [(c, title, val_rows, c) for c, title in enumerate(panels.val_columns())]
