@@ -5,12 +5,13 @@ The stable public API (README, "Python API") is re-exported here.
 
 from dssn.engine.evaluate import mean_iou
 from dssn.method.components import contrastive_alignment, cplg_mask, ema_update
-from dssn.models import DeepLabV3Plus, load_weights
+from dssn.models import DPT, DeepLabV3Plus, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeepLabV3Plus",
+    "DPT",
     "load_weights",
     "cplg_mask",
     "contrastive_alignment",
