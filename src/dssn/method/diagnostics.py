@@ -215,3 +215,17 @@ def health_warnings(stats: dict[str, float], rules: HealthRules, best_selected: 
                                  f"teacher mIoU {t_miou:.1f} is more than {rules.max_teacher_gap:g} points below "
                                  f"the student's {s_miou:.1f}"))
     return out
+
+
+@torch.no_grad()
+def pseudo_label_statistics(logits: Tensor, pseudo: Tensor, selected: Tensor, ignore: Tensor, tau_low: float,
+                            ratio: float, fixed_threshold: float) -> dict[str, Tensor]:
+    """What every method's report shows of one view's pseudo labels: the selected and pseudo-
+    labelled pixels per class (``select_counts``), CPLG's thresholds (``cplg_thr``) and CPLG
+    against a fixed confidence threshold (``cplg_vs_fixed``), whatever the method selects with."""
+    n_classes = logits.shape[1]
+    return {
+        "select_counts": class_selection_counts(pseudo, selected, ignore, n_classes),
+        "cplg_thr": cplg_thresholds(logits, tau_low, ratio),
+        "cplg_vs_fixed": cplg_vs_fixed_counts(logits, ignore, tau_low, ratio, fixed_threshold),
+    }

@@ -35,12 +35,10 @@ from dssn.method.components import (
     threshold_mask,
 )
 from dssn.method.diagnostics import (
-    class_selection_counts,
-    cplg_thresholds,
-    cplg_vs_fixed_counts,
     parameter_distance,
     positive_vs_random_similarity,
     prediction_agreement,
+    pseudo_label_statistics,
 )
 
 
@@ -177,15 +175,13 @@ class DSSN(Method):
                   perturbed: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         """Pseudo-label statistics of the image-level view 1 (the one ``selected_t`` counts) and
         the paper's health checks, as tensors; see ``method/diagnostics.py``."""
-        cfg, n_classes = self.cfg, mixed_logits1.shape[1]
+        cfg = self.cfg
         if self._diag_generator is None or self._diag_generator.device != mixed_logits1.device:
             # Its own generator: diagnostics never move the random stream that training draws from.
             self._diag_generator = torch.Generator(device=mixed_logits1.device).manual_seed(0)
         out = {
-            "select_counts": class_selection_counts(pseudo1, selected1, ignore1, n_classes),
-            "cplg_thr": cplg_thresholds(mixed_logits1, cfg.tau_low, cfg.ratio),
-            "cplg_vs_fixed": cplg_vs_fixed_counts(mixed_logits1, ignore1, cfg.tau_low, cfg.ratio,
-                                                  self.diag_threshold),
+            **pseudo_label_statistics(mixed_logits1, pseudo1, selected1, ignore1, cfg.tau_low, cfg.ratio,
+                                      self.diag_threshold),
             "agreement": prediction_agreement(student_weak, teacher_logits, ignore),
             "teacher_distance": parameter_distance(self.teacher, self.student_net),
             "sim/img": positive_vs_random_similarity(*student_strong, generator=self._diag_generator),

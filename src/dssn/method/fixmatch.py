@@ -10,7 +10,7 @@ from dssn.config import MethodConfig, TrainConfig
 from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import cutmix, eval_mode_logits, labeled_loss, threshold_mask
-from dssn.method.diagnostics import class_selection_counts, cplg_thresholds, cplg_vs_fixed_counts
+from dssn.method.diagnostics import pseudo_label_statistics
 
 
 class FixMatch(Method):
@@ -64,13 +64,8 @@ class FixMatch(Method):
     @torch.no_grad()
     def _diagnose(self, mixed_logits1: Tensor, pseudo1: Tensor, selected: Tensor, ignore1: Tensor) -> dict[str, Tensor]:
         """Statistics of the pseudo labels of the strong view (CPLG's numbers for comparison)."""
-        cfg, n_classes = self.cfg, mixed_logits1.shape[1]
-        return {
-            "select_counts": class_selection_counts(pseudo1, selected, ignore1, n_classes),
-            "cplg_thr": cplg_thresholds(mixed_logits1, cfg.tau_low, cfg.ratio),
-            "cplg_vs_fixed": cplg_vs_fixed_counts(mixed_logits1, ignore1, cfg.tau_low, cfg.ratio,
-                                                  self.diag_threshold),
-        }
+        return pseudo_label_statistics(mixed_logits1, pseudo1, selected, ignore1, self.cfg.tau_low, self.cfg.ratio,
+                                       self.diag_threshold)
 
     def loss_weights(self) -> dict[str, float]:
         return {"x": 0.5, "u": 0.5}

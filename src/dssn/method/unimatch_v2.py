@@ -25,10 +25,8 @@ from dssn.method.components import (
     threshold_mask,
 )
 from dssn.method.diagnostics import (
-    class_selection_counts,
-    cplg_thresholds,
-    cplg_vs_fixed_counts,
     parameter_distance,
+    pseudo_label_statistics,
 )
 
 
@@ -125,10 +123,6 @@ class UniMatchV2(Method):
     @torch.no_grad()
     def _diagnose(self, logits1: Tensor, pseudo1: Tensor, selected1: Tensor, ignore1: Tensor) -> dict[str, Tensor]:
         """Statistics of strong view 1's pseudo labels (CPLG's numbers for comparison)."""
-        cfg, c = self.cfg, logits1.shape[1]
-        return {
-            "select_counts": class_selection_counts(pseudo1, selected1, ignore1, c),
-            "cplg_thr": cplg_thresholds(logits1, cfg.tau_low, cfg.ratio),
-            "cplg_vs_fixed": cplg_vs_fixed_counts(logits1, ignore1, cfg.tau_low, cfg.ratio, self.diag_threshold),
-            "teacher_distance": parameter_distance(self.teacher, self.student_net),
-        }
+        return {**pseudo_label_statistics(logits1, pseudo1, selected1, ignore1, self.cfg.tau_low, self.cfg.ratio,
+                                          self.diag_threshold),
+                "teacher_distance": parameter_distance(self.teacher, self.student_net)}
