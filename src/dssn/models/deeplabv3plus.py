@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dssn.models.perturb import comp_drop_masks
+from dssn.models.perturb import check_forward_options, comp_drop_masks
 from dssn.models.resnet import build_backbone
 from dssn.models.weights import load_backbone_weights
 
@@ -119,10 +119,7 @@ class DeepLabV3Plus(nn.Module):
     def forward(
         self, x: Tensor, n_perturb: int = 0, comp_drop: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        if n_perturb < 0:
-            raise ValueError(f"n_perturb must be >= 0, got {n_perturb}")
-        if comp_drop and n_perturb:
-            raise ValueError("comp_drop and n_perturb cannot be combined")
+        check_forward_options(n_perturb, comp_drop)
         size = x.shape[-2:]
         c1, c4 = self.backbone(x)
         if comp_drop:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dssn.models.perturb import FEATURE_DROPOUT_MODES, comp_drop_masks, stream_keep_masks
+from dssn.models.perturb import FEATURE_DROPOUT_MODES, check_forward_options, comp_drop_masks, stream_keep_masks
 from dssn.models.vit import DinoVisionTransformer, build_dinov2, load_dinov2_weights
 
 __all__ = ["DPT", "DPTHead", "DPT_BACKBONES", "DPT_WIDTHS", "DPTWidths"]
@@ -240,10 +240,7 @@ class DPT(nn.Module):
     def forward(
         self, x: Tensor, n_perturb: int = 0, comp_drop: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        if n_perturb < 0:
-            raise ValueError(f"n_perturb must be >= 0, got {n_perturb}")
-        if comp_drop and n_perturb:
-            raise ValueError("comp_drop and n_perturb cannot be combined")
+        check_forward_options(n_perturb, comp_drop)
         size = (x.shape[-2], x.shape[-1])
         patch = self.backbone.patch_size
         # Round half up to the nearest multiple of the patch, as UniMatch V2's evaluation does.

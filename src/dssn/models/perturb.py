@@ -19,6 +19,14 @@ _DROP_PROB = 0.5
 _UNPERTURBED_PAIR_SHARE = 0.5
 
 
+def check_forward_options(n_perturb: int, comp_drop: bool) -> None:
+    """The perturbation options a segmentation network's ``forward`` takes."""
+    if n_perturb < 0:
+        raise ValueError(f"n_perturb must be >= 0, got {n_perturb}")
+    if comp_drop and n_perturb:
+        raise ValueError("comp_drop and n_perturb cannot be combined")
+
+
 def _bernoulli_keep(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     keep = torch.bernoulli(torch.full(shape, 1.0 - _DROP_PROB, device=device, dtype=dtype))
     return keep / (1.0 - _DROP_PROB)
