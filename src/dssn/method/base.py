@@ -7,12 +7,14 @@ The engine only knows that ``losses["loss"]`` is what to back-propagate.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dssn.config import MethodConfig, TrainConfig
 from dssn.data.batch import UnlabeledViews
 from dssn.models import unwrap
 
@@ -48,11 +50,23 @@ class Method(ABC):
     diag_threshold: float = 0.95
     """The fixed confidence threshold CPLG's selection is compared with (``diag.fixed_threshold``)."""
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+                 iters_per_epoch: int = 1) -> None:
+        """``iters_per_epoch``: optimizer steps per epoch, for schedules counted in epochs."""
         self.student = student
         """What the training step calls: the network, or the engine's wrapper around it
         (DistributedDataParallel, ``torch.compile``); ``student_net`` is the network itself."""
+        self.cfg = cfg
+        self.train_cfg = train_cfg
+        self.iters_per_epoch = iters_per_epoch
         self._diagnostics: dict[str, Tensor] = {}
+
+    def frozen_copy(self) -> nn.Module:
+        """A copy of the student that no gradient reaches (an EMA teacher starts as one)."""
+        teacher = copy.deepcopy(self.student_net)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
 
     @property
     def student_net(self) -> nn.Module:

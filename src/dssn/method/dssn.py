@@ -15,8 +15,6 @@ The numbered comments are §3's steps; the pieces are in ``components.py``.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -47,13 +45,8 @@ class DSSN(Method):
 
     def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
                  iters_per_epoch: int = 1) -> None:
-        super().__init__(student)
-        self.cfg = cfg
-        self.train_cfg = train_cfg
-        self.teacher = copy.deepcopy(student)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.iters_per_epoch = iters_per_epoch
+        super().__init__(student, cfg, train_cfg, iters_per_epoch)
+        self.teacher = self.frozen_copy()
         self.warmup_steps = max(cfg.warmup_steps, round(cfg.warmup_epochs * iters_per_epoch))
         # The perturbed feature streams exist only for L_fp and the feature-level alignment.
         self.n_perturb = 2 if (cfg.loss_feature or cfg.align_feature) else 0

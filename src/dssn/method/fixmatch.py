@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from dssn.config import MethodConfig, TrainConfig
 from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import cutmix, eval_mode_logits, labeled_loss, threshold_mask
@@ -15,12 +14,6 @@ from dssn.method.diagnostics import pseudo_label_statistics
 
 class FixMatch(Method):
     name = "fixmatch"
-
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
-                 iters_per_epoch: int = 1) -> None:
-        super().__init__(student)
-        self.cfg = cfg
-        self.train_cfg = train_cfg
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         images, labels = batch.labeled

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from dssn.config import MethodConfig, TrainConfig
 from dssn.method.base import Batch, Method
 from dssn.method.components import labeled_loss
 
@@ -12,11 +11,6 @@ from dssn.method.components import labeled_loss
 class Supervised(Method):
     name = "supervised"
     uses_unlabeled = False
-
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
-                 iters_per_epoch: int = 1) -> None:
-        super().__init__(student)
-        self.train_cfg = train_cfg
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         x, y = batch.labeled

@@ -8,8 +8,6 @@ is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads whichever ru
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -45,13 +43,8 @@ class UniMatchV2(Method):
 
     def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
                  iters_per_epoch: int = 1) -> None:
-        super().__init__(student)
-        self.cfg = cfg
-        self.train_cfg = train_cfg
-        self.teacher = copy.deepcopy(student)
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        super().__init__(student, cfg, train_cfg, iters_per_epoch)
+        self.teacher = self.frozen_copy().eval()
 
     @torch.no_grad()
     def teacher_logits(self, weak: Tensor) -> Tensor:
