@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dssn.config import load_config, preset_names
 from dssn.errors import DssnError
-from dssn.registry import METHODS
+from dssn.registry import METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
@@ -386,7 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "process). Speed and memory: train.precision=auto|fp32|bf16|fp16 (auto, the "
                                    "default: bf16 on GPUs with native bf16 and on CPUs with AMX or AVX-512 "
                                    "BF16, else fp32; the log says which), train.accumulate=K, "
-                                   "train.channels_last, train.compile=true, model.checkpoint_backbone=true.")
+                                   "train.channels_last, train.compile=true, model.checkpoint_backbone=true. "
+                                   "The EMA teacher's batch norm: method.teacher_bn=released (the default, as "
+                                   "the authors' script runs it: batch statistics in the first epoch, running "
+                                   "statistics after), batch or running (either for the whole run). Methods: "
+                                   f"method.name={'|'.join(METHODS.names())}; networks: "
+                                   f"model.name={'|'.join(MODELS.names())}.")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_train)
