@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from dssn.data.transforms import to_tensor_normalized
 from dssn.engine.evaluate import predict_tta
 from dssn.engine.runtime import resolve_device
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 """An image file's path, a PIL image (any mode) or a uint8 array ``[H, W, 3]`` (also ``[H, W]``, ``[H, W, 4]``)."""
 OVERLAY_ALPHA = 0.5
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -82,7 +81,7 @@ def _array_rgb(array: np.ndarray, name: str) -> np.ndarray:
     elif array.ndim == 3 and shape[2] in (3, 4):
         rgb = array[:, :, :3]  # RGBA: the alpha channel is dropped, as for files
     else:
-        hint = (f"; channels first? use array.transpose(1, 2, 0)"
+        hint = ("; channels first? use array.transpose(1, 2, 0)"
                 if array.ndim == 3 and shape[0] in (1, 3, 4) else "")
         raise ImageInputError(f"{name}: an array of shape {shape}; expected [H, W, 3] (RGB), [H, W, 4] (RGBA) "
                               f"or [H, W] (greyscale){hint}")
