@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dssn.config import load_config, preset_names
+from dssn.constants import NETWORK_CHOICES
 from dssn.errors import DssnError
 from dssn.registry import METHODS, MODELS
 
@@ -208,7 +209,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                             model=args.model, batch_size=args.batch_size, overwrite=args.overwrite,
                             skip_existing=args.skip_existing, progress=not args.quiet)
     skipped = f", {summary.skipped} skipped (outputs exist)" if summary.skipped else ""
-    print(f"{summary.written} image(s) segmented with the {summary.network}{skipped}: "
+    print(f"{summary.written} image(s) segmented with the {summary.network} ({summary.network_reason}){skipped}: "
           f"{summary.out_dir / 'masks'}, {summary.out_dir / 'overlays'}")
     return 0
 
@@ -224,14 +225,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"written: {path}")
     if result.max_abs_diff is not None:
         print(f"onnxruntime matches PyTorch: max |difference| {result.max_abs_diff:.2e}")
-    print(f"network: {result.network}")
+    print(f"network: {result.network} ({result.network_reason})")
     return 0
 
 
 _CHECKPOINT_HELP = ("a dssn checkpoint (last.pt, best.pt), a released .pth (state dict, possibly under 'model' "
                     "with 'module.' prefixes; needs --config) or a .safetensors file from dssn export")
-_MODEL_HELP = ("which network: student or teacher (default: the teacher when the checkpoint has one, since "
-               "the EMA teacher is usually the better; released .pth files hold one network, 'model')")
+_MODEL_HELP = ("which network: auto (default) takes the one that scored the best mIoU on the checkpoint's last "
+               "evaluation (the teacher on a tie or without scores); student or teacher force one; released "
+               ".pth files hold one network, 'model'")
 _SET_HELP = ("a config override key=value, repeatable: --set eval.mode=sliding --set eval.scales=[0.75,1,1.25] "
              "--set eval.flip=true --set train.device=cpu (on top of the checkpoint's config or --config)")
 
@@ -250,7 +252,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=["student", "teacher", "model"], help=_MODEL_HELP)
+    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images are "
                                                              "batched together; default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -271,7 +273,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "safetensors"], help="output format")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (e.g. model.onnx, model.safetensors)")
     p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=["student", "teacher", "model"], help=_MODEL_HELP)
+    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="onnx: image size used for tracing (default data.crop_size); any size works afterwards")

@@ -26,7 +26,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from dssn.apps.inference import load_for_inference
+from dssn.apps.inference import AUTO
+from dssn.apps.segmenter import open_segmenter
 from dssn.errors import DssnError
 
 FORMATS = ("onnx", "safetensors")
@@ -44,6 +45,8 @@ class ExportResult:
     network: str
     max_abs_diff: float | None = None
     """ONNX only: the largest |onnxruntime - PyTorch| on the check image (None: not checked)."""
+    network_reason: str = ""
+    """Why this network (``as asked``, ``best mIoU on the last evaluation: ...``)."""
 
 
 class _Logits(nn.Module):
@@ -137,10 +140,11 @@ def export_safetensors(model: nn.Module, path: Path, config_text: str, metadata:
 
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, *, config: str | None = None,
-                      overrides: list[str] | None = None, model: str | None = None, overwrite: bool = False,
+                      overrides: list[str] | None = None, model: str | None = AUTO, overwrite: bool = False,
                       image_size: tuple[int, int] | None = None, opset: int = ONNX_OPSET,
                       check: bool = True) -> ExportResult:
-    """Export one network of ``checkpoint`` (default: the teacher when present) to ``out``."""
+    """Export one network of ``checkpoint`` to ``out`` (``model``: ``auto``, the one that scored
+    best on the last evaluation, as ``dssn.load`` chooses; or ``student``/``teacher``/``model``)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}' ({', '.join(FORMATS)})")
     _need("onnx" if fmt == "onnx" else "safetensors")
@@ -154,17 +158,16 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, *, config: str
                           "or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    loaded = load_for_inference(checkpoint, config, overrides, device="cpu")
-    name, net = loaded.pick(model)
-    cfg = loaded.cfg
+    segmenter = open_segmenter(checkpoint, model, device="cpu", config=config, overrides=overrides)
+    name, net, cfg = segmenter.network, segmenter.model, segmenter.config
     cfg_dict = cfg.to_dict()
-    cfg_dict["data"]["class_names"] = loaded.class_names  # self-describing without the dataset
-    metadata = {"dssn_config": json.dumps(cfg_dict), "class_names": json.dumps(loaded.class_names),
-                "palette": json.dumps(loaded.palette[:768]), "network": name,
-                "source": os.path.basename(loaded.source)}
+    cfg_dict["data"]["class_names"] = segmenter.classes  # self-describing without the dataset
+    metadata = {"dssn_config": json.dumps(cfg_dict), "class_names": json.dumps(segmenter.classes),
+                "palette": json.dumps(segmenter.png_palette), "network": name,
+                "source": os.path.basename(segmenter.source)}
     if fmt == "onnx":
         size = image_size or (cfg.data.crop_size, cfg.data.crop_size)
         diff = export_onnx(net, out, size, metadata, opset=opset, check=check)
-        return ExportResult([out], name, diff)
+        return ExportResult([out], name, diff, segmenter.network_reason)
     config_path = export_safetensors(net, out, yaml.safe_dump(cfg_dict, sort_keys=False), metadata)
-    return ExportResult([out, config_path], name)
+    return ExportResult([out, config_path], name, network_reason=segmenter.network_reason)

@@ -23,20 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from dssn.apps.inference import load_for_inference
-from dssn.data.datasets import open_image, to_rgb
-from dssn.data.transforms import to_tensor_normalized
-from dssn.engine.evaluate import predict_tta
+from dssn.apps.inference import AUTO
+from dssn.apps.segmenter import OVERLAY_ALPHA, open_segmenter, read_rgb
+from dssn.data.colors import blend
 from dssn.errors import DssnError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
-OVERLAY_ALPHA = 0.5
 _LISTED = 5
 
 
@@ -93,18 +90,10 @@ def output_paths(out_dir: Path, item: Item) -> tuple[Path, Path]:
     return out_dir / MASKS_DIR / f"{item.name}.png", out_dir / OVERLAYS_DIR / f"{item.name}.jpg"
 
 
-def colorize(pred: np.ndarray, palette: list[int]) -> np.ndarray:
-    """Class indices ``[H, W]`` -> RGB ``[H, W, 3]`` through a flat palette."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    flat = np.asarray(palette[:768], dtype=np.uint8).reshape(-1, 3)
-    table[: len(flat)] = flat
-    return table[pred]
-
-
 def overlay(image: np.ndarray, pred: np.ndarray, palette: list[int], alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """``image | image blended with the coloured mask``, side by side (``[H, 2W, 3]``)."""
-    blend = (image.astype(np.float32) * (1 - alpha) + colorize(pred, palette).astype(np.float32) * alpha)
-    return np.concatenate([image, blend.round().clip(0, 255).astype(np.uint8)], axis=1)
+    """``image | image blended with the coloured mask``, side by side (``[H, 2W, 3]``); the right
+    half is what ``Segmenter.overlay`` returns."""
+    return np.concatenate([image, blend(image, pred, palette, alpha)], axis=1)
 
 
 def _write_atomic(img: Image.Image, path: Path, **save_args) -> None:
@@ -135,16 +124,19 @@ class PredictSummary:
     skipped: int
     network: str
     out_dir: Path
+    network_reason: str = ""
+    """Why this network (``as asked``, ``best mIoU on the last evaluation: ...``)."""
 
 
 def predict_files(checkpoint: str, inputs: list[str], out_dir: str | Path, *, config: str | None = None,
-                  overrides: list[str] | None = None, model: str | None = None, batch_size: int = 4,
+                  overrides: list[str] | None = None, model: str | None = AUTO, batch_size: int = 4,
                   overwrite: bool = False, skip_existing: bool = False, progress: bool = True) -> PredictSummary:
-    """Segment every input image with one network of ``checkpoint`` (default: the teacher when present).
+    """Segment every input image with one network of ``checkpoint`` (``model``: ``auto``, the one
+    that scored best on the last evaluation, or ``student``/``teacher``/``model``).
 
-    Inference follows the config's ``eval`` section (``mode`` whole or sliding,
-    ``scales``, ``flip``); ``center_crop`` would not cover the image, so whole-image
-    inference is used instead.
+    Decoding, inference and masks are :class:`dssn.apps.segmenter.Segmenter`'s, so they equal
+    ``dssn.load(checkpoint).predict(image)``: the config's ``eval`` section (``mode`` whole or
+    sliding, ``scales``, ``flip``; ``center_crop`` runs as whole), on ``train.device``.
     """
     if batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
@@ -163,12 +155,7 @@ def predict_files(checkpoint: str, inputs: list[str], out_dir: str | Path, *, co
                            "Use --overwrite to replace them, --skip-existing to leave those images out, "
                            "or choose another --out")
 
-    loaded = load_for_inference(checkpoint, config, overrides)
-    name, net = loaded.pick(model)
-    cfg, device = loaded.cfg, loaded.device
-    e = cfg.eval
-    mode = "whole" if e.mode == "center_crop" else e.mode
-    crop = e.crop_size or cfg.data.crop_size
+    segmenter = open_segmenter(checkpoint, model, device=None, config=config, overrides=overrides)
 
     # Images of one size share batches: order by size (read from the headers only).
     def size_of(item: Item) -> tuple[int, int]:
@@ -179,24 +166,18 @@ def predict_files(checkpoint: str, inputs: list[str], out_dir: str | Path, *, co
             raise PredictError(f"image '{item.image}' cannot be read: {err}") from None
 
     items = sorted(items, key=size_of)
-    bar = tqdm(total=len(items), unit="img", disable=not progress, desc=f"predict ({name})")
+    bar = tqdm(total=len(items), unit="img", disable=not progress, desc=f"predict ({segmenter.network})")
     pending: list[tuple[Item, np.ndarray]] = []
 
-    @torch.inference_mode()
     def run(batch: list[tuple[Item, np.ndarray]]) -> None:
-        x = torch.stack([to_tensor_normalized(Image.fromarray(rgb)) for _, rgb in batch]).to(device)
-        pred = predict_tta(net, x, cfg.data.num_classes, mode, crop, e.stride_ratio, e.scales, e.flip)
-        pred = pred.argmax(dim=1).to(torch.uint8).cpu().numpy()
-        for (item, rgb), p in zip(batch, pred):
-            write_outputs(out_dir, item, rgb, p, loaded.palette, loaded.class_names)
+        masks = segmenter.predict([rgb for _, rgb in batch], batch_size=len(batch))
+        for (item, rgb), mask in zip(batch, masks):
+            write_outputs(out_dir, item, rgb, mask, segmenter.png_palette, segmenter.classes)
         bar.update(len(batch))
 
     try:
         for item in items:
-            try:
-                rgb = np.asarray(to_rgb(open_image(item.image)))
-            except (OSError, SyntaxError, ValueError) as err:
-                raise PredictError(f"image '{item.image}' cannot be decoded: {err}") from None
+            rgb = read_rgb(item.image)
             if pending and (len(pending) >= batch_size or pending[0][1].shape != rgb.shape):
                 run(pending)
                 pending = []
@@ -205,4 +186,4 @@ def predict_files(checkpoint: str, inputs: list[str], out_dir: str | Path, *, co
             run(pending)
     finally:
         bar.close()
-    return PredictSummary(len(items), skipped, name, out_dir)
+    return PredictSummary(len(items), skipped, segmenter.network, out_dir, segmenter.network_reason)

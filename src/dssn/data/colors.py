@@ -34,6 +34,14 @@ def colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[np.asarray(mask, dtype=np.uint8)]
 
 
+def blend(image: np.ndarray, mask: np.ndarray, palette: list[int] | np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB ``[H, W, 3]`` uint8: ``image`` with the class colours of ``mask`` ``[H, W]`` mixed in
+    at ``alpha`` (0: the image, 1: the colours); ``palette`` flat or ``[256, 3]``."""
+    colours = colourise(mask, palette_array(palette)).astype(np.float32)
+    mixed = image.astype(np.float32) * (1 - alpha) + colours * alpha
+    return mixed.round().clip(0, 255).astype(np.uint8)
+
+
 def pseudo_label_rgb(pseudo: np.ndarray, selected: np.ndarray, valid: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Pseudo labels in class colours, the unselected pixels faded to grey, invalid ones in the ignore colour."""
     rgb = colourise(pseudo, palette).astype(np.float32)

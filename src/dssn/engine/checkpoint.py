@@ -135,6 +135,9 @@ def read_torch_file(path: str | Path) -> Any:
             f"{path} contains pickled Python objects, which could run arbitrary code when loaded, so it "
             f"is refused ({reason}). If you trust it, re-save its tensors as a plain state dict, e.g. "
             f"torch.save(obj['model'], 'plain.pth')") from None
+    except KeyError:  # the unpickler meeting bytes that are no pickle opcode (a text file, say)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle "
+                              "that torch.load can read)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated or damaged?): {first}") from None
