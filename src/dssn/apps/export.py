@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from dssn.apps.inference import AUTO
 from dssn.apps.segmenter import open_segmenter
 from dssn.errors import DssnError
+from dssn.files import atomic_path, atomic_write_text
 
 FORMATS = ("onnx", "safetensors")
 ONNX_OPSET = 17
@@ -65,10 +66,6 @@ def _need(module: str) -> None:
         raise ExportError(f"this export needs the '{module}' package: pip install 'dssn[export]'")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], metadata: dict[str, str],
                 opset: int = ONNX_OPSET, check: bool = True, tolerance: float = TOLERANCE) -> float | None:
     """Write ``model`` as ONNX to ``path``; returns the parity check's max difference (None if skipped)."""
@@ -78,8 +75,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], metad
     model = _Logits(model).eval().cpu()
     h, w = image_size
     sample = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    tmp = _tmp(path)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -91,9 +87,6 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], metad
         onnx.helper.set_model_props(proto, metadata)
         onnx.save(proto, str(tmp))
         diff = _check_onnx(model, tmp, (h, w), tolerance) if check else None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return diff
 
 
@@ -127,15 +120,10 @@ def export_safetensors(model: nn.Module, path: Path, config_text: str, metadata:
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config_path = path.with_suffix(".yaml")
-    tmp, tmp_cfg = _tmp(path), _tmp(config_path)
-    try:
+    # The config first: a safetensors file is never left without the config beside it.
+    atomic_write_text(config_path, config_text)
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        tmp_cfg.write_text(config_text)
-        os.replace(tmp_cfg, config_path)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_cfg.unlink(missing_ok=True)
     return config_path
 
 

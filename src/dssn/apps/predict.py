@@ -30,6 +30,7 @@ from dssn.apps.inference import AUTO
 from dssn.apps.segmenter import OVERLAY_ALPHA, open_segmenter, read_rgb
 from dssn.data.colors import blend
 from dssn.errors import DssnError
+from dssn.files import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 MASKS_DIR = "masks"
@@ -97,14 +98,8 @@ def overlay(image: np.ndarray, pred: np.ndarray, palette: list[int], alpha: floa
 
 
 def _write_atomic(img: Image.Image, path: Path, **save_args) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        img.save(tmp, format=save_args.pop("format"), **save_args)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, durable=False) as tmp:
+        img.save(tmp, **save_args)
 
 
 def write_outputs(out_dir: Path, item: Item, image: np.ndarray, pred: np.ndarray, palette: list[int],
