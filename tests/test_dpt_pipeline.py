@@ -35,6 +35,8 @@ CROP = 28
 TINY_DPT = ["model.backbone=dinov2_tiny", "model.pretrained=null", f"data.crop_size={CROP}",
             f"eval.crop_size={CROP}", "data.num_workers=0", "train.iters=1", "train.batch_size=1",
             "train.batch_size_unlabeled=1", "train.progress=false", "train.report=false", "diag.panels=0",
+            # float32 whatever the CPU: the checks below compare weights and outputs as numbers
+            "train.precision=fp32",
             # one thread: on a busy 2-core machine more threads only make tiny steps slower
             "train.threads=1"]
 
