@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_ade20k_raw, make_cityscapes_raw, make_coco_raw, make_voc
 from PIL import Image
 
+from data_fixtures import make_ade20k_raw, make_cityscapes_raw, make_coco_raw, make_voc
 from dssn.apps.export import export_onnx
 from dssn.apps.inference import load_for_inference
 from dssn.cli import main
