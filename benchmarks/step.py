@@ -16,15 +16,24 @@ Each runs in its own process (so that peak memory is its own) from the same init
 the same batch; the first step's losses of the two are compared (float32: they must agree within
 1e-5 relative). Sliding-window evaluation compares batched windows against one window at a time.
 
+Other models and methods: ``--config PRESET`` and ``--set key=value ...`` (applied last) time the
+engine's step of any config, e.g. DINOv2-S + DPT (docs/method.md §2.2-2.4) with DSSN or UniMatch V2
+(§5.3); the research-style step exists for DSSN on DeepLabV3+ only and is skipped otherwise.
+
 Usage (the figures in the README and the closing note):
-``.venv/bin/python benchmarks/step.py`` (CPU: ResNet-50, crop 321, batch 2 + 2, 2 threads) and
-on a GPU ``python benchmarks/step.py --backbone resnet101 --crop 513 --precision bf16``.
+``.venv/bin/python benchmarks/step.py`` (CPU: ResNet-50, crop 321, batch 2 + 2, 2 threads),
+on a GPU ``python benchmarks/step.py --backbone resnet101 --crop 513 --precision bf16``, and
+``python benchmarks/step.py --config pascal-dinov2 --set model.backbone=dinov2_s data.crop_size=518
+train.batch_size=1 train.batch_size_unlabeled=1 [--set method.name=unimatch_v2]
+[--set model.checkpoint_backbone=true] --steps 2 --warmup 1 --skip-eval``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -34,13 +43,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dssn.config import load_config
 from dssn.constants import IGNORE
 from dssn.engine.evaluate import sliding_window_logits, window_starts
 from dssn.engine.runtime import resolve_device, to_device
 from dssn.engine.trainer import build_training, optimizer_step
-from dssn.method import Batch
+from dssn.method import METHODS, Batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import make_batch  # noqa: E402
@@ -121,17 +131,60 @@ def plain_step(student, teacher, optimizer, batch: Batch, step: int, cfg) -> dic
 
 
 # ---- one variant, in its own process -------------------------------------------------------
-def config_for(args, fast: bool, preset: str = "pascal"):
-    """The PASCAL preset (or ``preset``: another model's) at the benchmark's setting."""
-    overrides = [f"model.backbone={args.backbone}", f"data.crop_size={args.crop}",
-                 f"train.batch_size={args.batch}", f"train.batch_size_unlabeled={args.batch}",
-                 f"train.device={args.device}", f"method.teacher_bn={args.teacher_bn}", "model.pretrained=null"]
+def config_for(args, fast: bool, preset: str | None = None):
+    """``preset`` (default ``--config``, else the PASCAL preset) at the benchmark's setting:
+    ``--backbone``/``--crop``/``--batch`` where given, then the ``--set`` overrides (last wins)."""
+    overrides = [f"train.device={args.device}", f"method.teacher_bn={args.teacher_bn}", "model.pretrained=null"]
+    if args.backbone:
+        overrides.append(f"model.backbone={args.backbone}")
+    if args.crop:
+        overrides.append(f"data.crop_size={args.crop}")
+    if args.batch:
+        overrides += [f"train.batch_size={args.batch}", f"train.batch_size_unlabeled={args.batch}"]
     if fast:
         overrides += [f"train.precision={args.precision}", f"train.channels_last={args.channels_last}",
                       f"train.compile={args.compile}", f"model.checkpoint_backbone={args.checkpoint_backbone}"]
     else:
         overrides += ["train.precision=fp32", "train.channels_last=false"]
-    return load_config(preset, overrides)
+    return load_config(preset or getattr(args, "config", None) or "pascal", overrides + getattr(args, "set", []))
+
+
+def has_plain_step(cfg) -> bool:
+    """The research-style step is written for DSSN on DeepLabV3+ only."""
+    return cfg.model.name == "deeplabv3plus" and cfg.method.name == "dssn"
+
+
+def classifier_of(net: nn.Module, classes: int) -> nn.Conv2d:
+    """The layer that outputs the class scores: DeepLabV3+'s ``classifier``, else the last
+    convolution with one output channel per class (DPT's)."""
+    classifier = getattr(net, "classifier", None)
+    if isinstance(classifier, nn.Conv2d):
+        return classifier
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.out_channels == classes][-1]
+
+
+def step_batch(cfg) -> Batch:
+    """A fixed random batch at the config's crop: ``train.batch_size`` labeled images and
+    ``train.batch_size_unlabeled`` unlabeled ones (each with its CutMix partner)."""
+    labeled = make_batch(cfg.train.batch_size, cfg.data.crop_size, cfg.data.num_classes)
+    unlabeled = make_batch(cfg.train.batch_size_unlabeled, cfg.data.crop_size, cfg.data.num_classes, seed=1)
+    return Batch(labeled.labeled, unlabeled.unlabeled, unlabeled.partner)
+
+
+def images_per_step(cfg) -> int:
+    """Labeled + unlabeled images, + the partners of methods that load a second unlabeled batch."""
+    partners = cfg.train.batch_size_unlabeled if METHODS[cfg.method.name].uses_partner_batch else 0
+    return cfg.train.batch_size + cfg.train.batch_size_unlabeled + partners
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sync(device):
@@ -153,11 +206,11 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     parts = build_training(cfg, device, iters_per_epoch=100)
     method = parts.method
-    b = make_batch(args.batch, args.crop, cfg.data.num_classes)
+    b = step_batch(cfg)
     batch = Batch(*to_device((b.labeled, b.unlabeled, b.partner), device, parts.channels_last))
     student, teacher = method.student_net, method.teacher
     with torch.no_grad():  # confident predictions: CPLG selects pixels, so every loss term is non-zero
-        student.classifier.weight.mul_(args.confidence)
+        classifier_of(student, cfg.data.num_classes).weight.mul_(args.confidence)
     teacher.load_state_dict(student.state_dict())  # the same start for both variants
     times, first = [], None
     for i in range(args.warmup + args.steps):
@@ -167,7 +220,7 @@ def run_variant(args) -> dict:
         if fast:
             losses = optimizer_step(method, parts.optimizer, [batch], i + 1, parts.scaler, parts.autocast_dtype)[0]
             if i == 0:
-                first = {k: v.item() for k, v in losses.items() if k in ("loss", "x", "s", "fp", "c_img", "c_feat")}
+                first = {k: v.item() for k, v in losses.items()}
         else:
             logged = plain_step(student, teacher, parts.optimizer, batch, i + 1, cfg)
             first = first or logged
@@ -193,24 +246,25 @@ def run_eval_variant(args) -> dict:
     """Sliding-window probabilities of one image of ``2 x crop``: batched windows or one at a time."""
     device = resolve_device(args.device)
     cfg = config_for(args, fast=False)
+    crop = cfg.data.crop_size
     torch.manual_seed(0)
     net = build_training(cfg, device, 1).method.student_net.eval()
-    image = torch.randn(1, 3, 2 * args.crop, 2 * args.crop, generator=torch.Generator().manual_seed(1)).to(device)
-    stride = int(args.crop * 2 / 3)
+    image = torch.randn(1, 3, 2 * crop, 2 * crop, generator=torch.Generator().manual_seed(1)).to(device)
+    stride = int(crop * 2 / 3)
     times, out = [], None
     for _ in range(args.eval_reps):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             if args.variant == "eval-fast":
-                out = sliding_window_logits(net, image, cfg.data.num_classes, args.crop, stride,
+                out = sliding_window_logits(net, image, cfg.data.num_classes, crop, stride,
                                             batch_size=args.eval_batch)
             else:
-                out = plain_sliding(net, image, cfg.data.num_classes, args.crop, stride)
+                out = plain_sliding(net, image, cfg.data.num_classes, crop, stride)
         sync(device)
         times.append(time.perf_counter() - start)
     return {"variant": args.variant, "ms": [1000 * t for t in times], "checksum": float(out.double().sum()),
-            "windows": len(window_starts(2 * args.crop, args.crop, stride)) ** 2, **peak_memory(device)}
+            "windows": len(window_starts(2 * crop, crop, stride)) ** 2, "crop": crop, **peak_memory(device)}
 
 
 def plain_sliding(net, image, classes, window, stride):
@@ -233,9 +287,16 @@ def spawn(variant: str, argv: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--crop", type=int, default=321)
-    p.add_argument("--batch", type=int, default=2, help="labeled and unlabeled images per step (each)")
+    p.add_argument("--config", default="pascal", help="preset or YAML file the step is built from (default pascal: "
+                                                      "DSSN on DeepLabV3+)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, applied after every other option (e.g. --set method.name=unimatch_v2)")
+    p.add_argument("--backbone", default=None, help="model.backbone (default: resnet50 with --config pascal, else "
+                                                    "the config's)")
+    p.add_argument("--crop", type=int, default=None, help="data.crop_size (default: 321 with --config pascal, "
+                                                          "else the config's)")
+    p.add_argument("--batch", type=int, default=None, help="labeled and unlabeled images per step, each (default: "
+                                                           "2 with --config pascal, else the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps (its losses are compared)")
     p.add_argument("--device", default="auto")
@@ -252,6 +313,8 @@ def main() -> None:
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--variant", choices=["fast", "plain", "eval-fast", "eval-plain"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.config == "pascal":  # the setting of the figures in the README
+        args.backbone, args.crop, args.batch = args.backbone or "resnet50", args.crop or 321, args.batch or 2
     device = resolve_device(args.device)
     if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
@@ -262,25 +325,37 @@ def main() -> None:
         return
 
     argv = [a for a in sys.argv[1:]] + [f"--precision={args.precision}"]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"# DSSN step: {args.backbone}, crop {args.crop}, batch {args.batch} + {args.batch}, {name}; fast = "
-          f"{args.precision}, channels_last={args.channels_last}, compile={args.compile}, "
-          f"checkpoint_backbone={args.checkpoint_backbone}, teacher_bn={args.teacher_bn}")
-    results = {v: spawn(v, argv) for v in ("plain", "fast")}
-    images = 3 * args.batch  # labeled + unlabeled + the CutMix partners
-    for v in ("plain", "fast"):
+    cfg = config_for(args, fast=True)
+    m, t = cfg.model, cfg.train
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {cpu_name()}, {args.threads} threads"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# {cfg.method.name} step: {m.name} {m.backbone}, crop {cfg.data.crop_size}, batch {t.batch_size} + "
+          f"{t.batch_size_unlabeled}, {name}; fast = {t.precision}, channels_last={t.channels_last}, "
+          f"compile={t.compile}, checkpoint_backbone={m.checkpoint_backbone}, teacher_bn={cfg.method.teacher_bn}; "
+          f"load average {load}")
+    plain = has_plain_step(cfg)
+    if not plain:
+        print(f"research-style step: written for DSSN on DeepLabV3+ only; skipped for {cfg.method.name} on {m.name}")
+    variants = ("plain", "fast") if plain else ("fast",)
+    results = {v: spawn(v, argv) for v in variants}
+    images = images_per_step(cfg)
+    for v in variants:
         r = results[v]
         ms = statistics.median(r["step_ms"])
         mem = f"peak RSS {r['cpu_rss_mib']:.0f} MiB" + (f", GPU peak {r['gpu_peak_mib']:.0f} MiB"
                                                          if "gpu_peak_mib" in r else "")
         print(f"{v:5s}: {ms:9.1f} ms/step  {1000 * images / ms:6.2f} img/s  {mem}  (first step {r['first_step_ms']:.0f} ms)")
-    ratio = statistics.median(results["plain"]["step_ms"]) / statistics.median(results["fast"]["step_ms"])
-    print(f"speed-up fast/plain: {ratio:.2f}x")
-    a, b = results["fast"]["first_losses"], results["plain"]["first_losses"]
-    rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
-    print("first-step losses (fast | plain): " + ", ".join(f"{k} {a[k]:.6g} | {b[k]:.6g}" for k in b))
-    print(f"largest relative loss difference: {rel:.2e}" + ("  (float32: must be <= 1e-5)"
-                                                             if args.precision == "fp32" else ""))
+    a = results["fast"]["first_losses"]
+    if plain:
+        ratio = statistics.median(results["plain"]["step_ms"]) / statistics.median(results["fast"]["step_ms"])
+        print(f"speed-up fast/plain: {ratio:.2f}x")
+        b = results["plain"]["first_losses"]
+        rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
+        print("first-step losses (fast | plain): " + ", ".join(f"{k} {a[k]:.6g} | {b[k]:.6g}" for k in b))
+        print(f"largest relative loss difference: {rel:.2e}" + ("  (float32: must be <= 1e-5)"
+                                                                 if args.precision == "fp32" else ""))
+    else:
+        print("first-step losses: " + ", ".join(f"{k} {v:.6g}" for k, v in a.items()))
     if "flops" in results["fast"]:
         ms = statistics.median(results["fast"]["step_ms"])
         achieved = results["fast"]["flops"] / (ms / 1000) / 1e12
@@ -293,8 +368,8 @@ def main() -> None:
     ev = {v: spawn(v, argv) for v in ("eval-plain", "eval-fast")}
     e_plain, e_fast = (min(ev[v]["ms"]) for v in ("eval-plain", "eval-fast"))
     same = abs(ev["eval-plain"]["checksum"] - ev["eval-fast"]["checksum"]) <= 1e-4 * abs(ev["eval-plain"]["checksum"])
-    print(f"# sliding-window evaluation: one {2 * args.crop}x{2 * args.crop} image, {ev['eval-fast']['windows']} "
-          f"windows of {args.crop}")
+    crop = ev["eval-fast"]["crop"]
+    print(f"# sliding-window evaluation: one {2 * crop}x{2 * crop} image, {ev['eval-fast']['windows']} windows of {crop}")
     print(f"plain (one window at a time): {e_plain:.0f} ms   fast (batches of {args.eval_batch}): {e_fast:.0f} ms   "
           f"speed-up {e_plain / e_fast:.2f}x   same probabilities: {same}")
 

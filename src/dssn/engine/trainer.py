@@ -62,7 +62,7 @@ from dssn.engine.runtime import (
 from dssn.errors import TrainingError
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
-from dssn.models import build_model
+from dssn.models import build_model, check_model_config
 
 
 @dataclass
@@ -469,6 +469,7 @@ def train(cfg: Config) -> TrainResult:
     """
     dist, created_group = init_distributed(resolve_device(cfg.train.device))
     try:
+        check_model_config(cfg)  # a network the config cannot build: refused before any folder exists
         # Fast data check first: stop before a run folder or model exists. Rank 0 goes first (it may
         # generate the built-in dataset), then the others check their own copy (other machines).
         run_on_main(lambda: check_before_training(cfg), dist)

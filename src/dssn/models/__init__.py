@@ -23,6 +23,7 @@ from dssn.registry import MODELS
 __all__ = [
     "MODELS",
     "build_model",
+    "check_model_config",
     "DeepLabV3Plus",
     "DPT",
     "LoadReport",
@@ -35,28 +36,36 @@ __all__ = [
 ]
 
 
-def _backbone_for(cfg: Config, choices) -> str:
+# The backbones each built-in network takes.
+_BACKBONES = {"deeplabv3plus": RESNETS, "dpt": DPT_BACKBONES}
+
+
+def check_model_config(cfg: Config) -> None:
+    """``ConfigError`` naming the keys when the built-in ``model.name`` cannot take the other
+    ``model.*`` settings; cheap, so that training refuses before it writes anything."""
     m = cfg.model
-    if m.backbone not in choices:
+    choices = _BACKBONES.get(m.name)
+    if choices is not None and m.backbone not in choices:
         raise ConfigError(f"model.backbone '{m.backbone}' does not fit model.name '{m.name}'; "
                           f"it takes {', '.join(sorted(choices))}")
-    return m.backbone
+    if m.name == "deeplabv3plus" and m.lock_backbone:
+        raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
 
 
 def build_deeplabv3plus(cfg: Config) -> DeepLabV3Plus:
+    check_model_config(cfg)
     m = cfg.model
-    model = DeepLabV3Plus(cfg.data.num_classes, backbone=_backbone_for(cfg, RESNETS), output_stride=m.output_stride,
+    model = DeepLabV3Plus(cfg.data.num_classes, backbone=m.backbone, output_stride=m.output_stride,
                           dilations=m.dilations, pretrained=m.pretrained, decoder_channels=m.decoder_channels,
                           backbone_width=m.backbone_width)
     model.backbone.checkpoint_stages = m.checkpoint_backbone
-    if m.lock_backbone:
-        raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
     return model
 
 
 def build_dpt(cfg: Config) -> DPT:
+    check_model_config(cfg)
     m = cfg.model
-    model = DPT(cfg.data.num_classes, backbone=_backbone_for(cfg, DPT_BACKBONES), registers=m.registers,
+    model = DPT(cfg.data.num_classes, backbone=m.backbone, registers=m.registers,
                 pretrained=m.pretrained, feature_dropout=m.feature_dropout, lock_backbone=m.lock_backbone)
     model.backbone.checkpoint_blocks = m.checkpoint_backbone
     return model

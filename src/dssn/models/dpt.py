@@ -45,6 +45,13 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def _patch_count(side: int | Tensor, patch: int) -> int | Tensor:
+    """``int(side / patch + 0.5)``, at least 1, in integer arithmetic so that a side traced by
+    an exporter stays a tensor in the graph instead of a baked-in constant."""
+    count = (2 * side + patch) // (2 * patch)
+    return count.clamp(min=1) if isinstance(count, Tensor) else max(1, count)
+
+
 def _conv3x3(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
 
@@ -235,7 +242,9 @@ class DPT(nn.Module):
         patch = self.backbone.patch_size
         net_size = (rows * patch, cols * patch)
         logits = _resize(self.head(tokens, patch_grid), net_size)
-        return logits if net_size == size else _resize(logits, size)
+        # Traced: always resize (the identity at equal sizes), so other sizes export correctly.
+        same = not torch.jit.is_tracing() and net_size == size
+        return logits if same else _resize(logits, size)
 
     def forward(
         self, x: Tensor, n_perturb: int = 0, comp_drop: bool = False
@@ -244,9 +253,9 @@ class DPT(nn.Module):
         size = (x.shape[-2], x.shape[-1])
         patch = self.backbone.patch_size
         # Round half up to the nearest multiple of the patch, as UniMatch V2's evaluation does.
-        patch_grid = (max(1, int(size[0] / patch + 0.5)), max(1, int(size[1] / patch + 0.5)))
+        patch_grid = (_patch_count(size[0], patch), _patch_count(size[1], patch))
         net_size = (patch_grid[0] * patch, patch_grid[1] * patch)
-        if net_size != size:
+        if torch.jit.is_tracing() or net_size != size:  # traced: as in _decode
             x = _resize(x, net_size)
         tokens = self._encode(x)
         batch, _, dim = tokens[0].shape

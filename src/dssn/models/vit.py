@@ -5,7 +5,9 @@ Parameter names are those of ``facebookresearch/dinov2``'s ``DinoVisionTransform
 ``blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.*,ls2.gamma}``, ``norm``), so the
 released ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`` files load with no key missing or left
 over. The math follows the hub models: LayerNorm eps 1e-6, LayerScale, GELU MLP (SwiGLU for
-g), bicubic position-embedding interpolation to the input's patch grid.
+g), bicubic position-embedding interpolation to the input's patch grid (while an exporter traces
+the encoder, the same resampling as two matrices built from the traced grid, so that an exported
+model follows the input's size).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "DINOV2_SIZES",
     "DinoVisionTransformer",
     "ViTSize",
+    "bicubic_matrix",
     "build_dinov2",
     "load_dinov2_weights",
 ]
@@ -58,6 +61,40 @@ DINOV2_SIZES: dict[str, ViTSize] = {
     # CPU smoke runs (no pretrained file exists for it).
     "tiny": ViTSize(48, 4, 3, "mlp", (0, 1, 2, 3)),
 }
+
+
+def _cubic(distance: Tensor, a: float) -> Tensor:
+    """Keys' cubic convolution kernel at ``distance`` (zero from 2 on)."""
+    x = distance.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def bicubic_matrix(
+    out_size: int | Tensor, in_size: int, in_per_out: float | Tensor, antialias: bool
+) -> Tensor:
+    """``[out_size, in_size]`` weights of PyTorch's bicubic resampling along one axis
+    (``align_corners=False``); ``in_per_out`` is the input step per output pixel (``1 / scale``).
+
+    Without antialias: A = -0.75, four taps clamped at the borders (``upsample_bicubic2d``).
+    With antialias: A = -0.5 stretched by ``max(in_per_out, 1)``, truncated at the borders and
+    normalised (``_upsample_bicubic2d_aa``). Every step is a tensor op, so a traced ``out_size``
+    stays symbolic in an exported graph.
+    """
+    step = torch.as_tensor(in_per_out, dtype=torch.float32)
+    out_pos = torch.arange(out_size).to(torch.float32) + 0.5
+    sources = torch.arange(in_size, dtype=torch.float32)
+    if antialias:
+        center = (out_pos * step).unsqueeze(1)
+        weights = _cubic((sources.unsqueeze(0) - center + 0.5) / step.clamp(min=1.0), -0.5)
+        return weights / weights.sum(dim=1, keepdim=True)
+    real = out_pos * step - 0.5
+    taps = real.floor().unsqueeze(1) + torch.arange(-1, 3, dtype=torch.float32)  # [out, 4]
+    weights = _cubic(real.unsqueeze(1) - taps, -0.75)
+    clamped = taps.clamp(0, in_size - 1)
+    one_hot = (clamped.unsqueeze(2) == sources).to(torch.float32)  # [out, 4, in]
+    return (weights.unsqueeze(2) * one_hot).sum(dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -254,6 +291,8 @@ class DinoVisionTransformer(nn.Module):
         grid (the offset guards the floor of ``M * scale`` against rounding down); with offset 0
         it passes the output size. The two differ numerically, hence both paths.
         """
+        if torch.jit.is_tracing():  # F.interpolate cannot take a traced scale factor
+            return self._traced_pos_encoding(patch_grid, dtype)
         rows, cols = patch_grid
         num_positions = self.pos_embed.shape[1] - 1
         if rows * cols == num_positions and rows == cols:
@@ -276,6 +315,30 @@ class DinoVisionTransformer(nn.Module):
                 f"expected {(rows, cols)}"
             )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+        return torch.cat([class_pos, patch_pos], dim=1).to(dtype)
+
+    def _traced_pos_encoding(
+        self, patch_grid: tuple[int | Tensor, int | Tensor], dtype: torch.dtype
+    ) -> Tensor:
+        """:meth:`interpolate_pos_encoding` as ``rows_matrix @ grid @ cols_matrix.T``
+        (:func:`bicubic_matrix`), the grid's sides possibly traced tensors; the pretraining
+        grid itself passes unchanged, as in eager mode."""
+        rows, cols = (torch.as_tensor(n) for n in patch_grid)
+        num_positions = self.pos_embed.shape[1] - 1
+        side = int(math.sqrt(num_positions))
+        pos_embed = self.pos_embed.float()
+        class_pos = pos_embed[:, :1]
+        patch_pos = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        unchanged = (rows == side) & (cols == side)
+        matrices = []
+        for out_size in (rows, cols):
+            stretch = side / (out_size.to(torch.float32) + self.interpolate_offset)
+            resample = bicubic_matrix(out_size, side, stretch, self.interpolate_antialias)
+            # [out, side] either way, so that the choice is a plain select in the graph
+            identity = (torch.arange(out_size).unsqueeze(1) == torch.arange(side)).to(torch.float32)
+            matrices.append(torch.where(unchanged, identity, resample))
+        patch_pos = matrices[0] @ patch_pos @ matrices[1].transpose(0, 1)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, patch_pos.shape[1])
         return torch.cat([class_pos, patch_pos], dim=1).to(dtype)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
