@@ -208,7 +208,7 @@ def test_onnx_export_follows_the_input_size(dpt_run: Path, tmp_path: Path) -> No
     out = tmp_path / "dpt.onnx"
     # The exporter itself checks onnxruntime against PyTorch at another size than traced.
     assert main(["export", "--checkpoint", str(dpt_run / "last.pt"), "--format", "onnx", "--out", str(out),
-                 "--size", str(CROP), str(2 * CROP)]) == 0
+                 "--size", str(CROP), str(2 * CROP), "--model", "teacher"]) == 0
     teacher = load_for_inference(dpt_run / "last.pt", device="cpu").models["teacher"]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for shape in ((3, 3, 45, 29), (1, 3, 70, 98)):  # rounded to the patch grid and back; a new grid
