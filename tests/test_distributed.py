@@ -223,11 +223,17 @@ def _train_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -
     torch.save(kept, Path(out) / f"rank{rank}.pt")
 
 
-def test_two_process_run_resumes_exactly(data_root, tmp_path):
+MODELS = {"deeplabv3plus": (), "dpt": ("model.name=dpt", "model.backbone=dinov2_tiny", "model.pretrained=null",
+                                       "data.crop_size=28", "train.optimizer=adamw", "train.lr=0.001")}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_two_process_run_resumes_exactly(data_root, tmp_path, model):
     """Stopped after 2 of 4 steps and resumed, a two-process run ends where an uninterrupted one
-    does: every rank's data position and random streams come back from the checkpoint."""
+    does: every rank's data position and random streams come back from the checkpoint. Also
+    with the DINOv2 + DPT network (DDP, AdamW's state, the feature dropout's draws)."""
     common = ("method.name=dssn", "train.iters=4", "train.checkpoint_every=2", "train.deterministic=true",
-              "train.eval_every=100")
+              "train.eval_every=100", *MODELS[model])
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()
     resumed.mkdir()
