@@ -103,12 +103,13 @@ def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     """Rotate the hue by ``shift`` of the full circle (``shift`` in [-0.5, 0.5]).
 
     PIL's HSV mode stores hue as uint8, so the rotation is a uint8 addition that
-    wraps around the circle.
+    wraps around the circle. The step ``shift * 255`` is truncated toward zero, as the
+    releases' ``np.uint8(shift * 255)`` cast it (NumPy 1.x): -0.05 moves by -12, not -13.
     """
-    if shift == 0:
-        return img
+    # No shortcut for a zero step: the HSV round trip itself alters some pixels, as in the release.
+    step = int(shift * 255)  # int() truncates toward zero
     h, s, v = img.convert("HSV").split()
-    hue = np.asarray(h, dtype=np.uint8) + np.uint8(round(shift * 255) % 256)  # wraps mod 256
+    hue = np.asarray(h, dtype=np.uint8) + np.uint8(step % 256)  # wraps mod 256
     return Image.merge("HSV", (Image.fromarray(hue), s, v)).convert("RGB")
 
 
@@ -213,17 +214,22 @@ def _sharpness(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def _posterize(img: Image.Image, rng: random.Random) -> Image.Image:
-    """Keep the top ``bits`` bits of each channel, bits uniform in 4..8."""
-    return ImageOps.posterize(img, rng.randint(4, 8))
+    """Keep the top ``bits`` bits of each channel: ``8 - max(1, ceil(4u))``, so 4, 5, 6 or 7
+    bits with equal chance and never all 8 (the release's draw)."""
+    return ImageOps.posterize(img, 8 - max(1, math.ceil(4 * rng.random())))
 
 
 def _solarize(img: Image.Image, rng: random.Random) -> Image.Image:
-    """Invert channel values >= threshold, threshold uniform in 1..256 (256: no change)."""
-    return ImageOps.solarize(img, rng.randint(1, 256))
+    """Invert channel values >= threshold: ``256 - max(1, ceil(255u))``, uniform in 1..255,
+    never the no-op 256 (the release's draw)."""
+    return ImageOps.solarize(img, 256 - max(1, math.ceil(255 * rng.random())))
 
 
 def _hue(img: Image.Image, rng: random.Random) -> Image.Image:
-    return adjust_hue(img, rng.uniform(-0.5, 0.5))
+    """Hue shift of magnitude uniform in [0, 0.5) of the circle, its sign 50/50 (the release
+    draws the two apart; the shift is uniform in (-0.5, 0.5) either way)."""
+    magnitude = 0.5 * rng.random()
+    return adjust_hue(img, -magnitude if rng.random() < 0.5 else magnitude)
 
 
 STRONG_OPS: dict[str, StrongOp] = {
@@ -277,22 +283,24 @@ def cutmix_box(
 ) -> torch.Tensor:
     """A CutMix region for a ``size`` x ``size`` crop, as a bool mask (all False if absent).
 
-    With probability ``p`` the box exists: area fraction uniform in ``area``, aspect
-    (width / height) uniform in ``ratio``, top-left corner uniform over the crop;
-    boxes that would stick out are redrawn (rejection sampling), so the box is always
-    fully inside the crop.
+    The releases' ``obtain_cutmix_box``: absent when ``random() > p``; otherwise the area is
+    drawn once (a fraction uniform in ``area`` of the crop), and only the aspect ``r``
+    (uniform in ``ratio``) and the top-left corner (uniform integers in [0, size - 1]) are
+    redrawn until the box fits inside the crop. Width ``int(sqrt(a / r))``, height
+    ``int(sqrt(a * r))``: ``r`` is height over width. Redrawing the area too would favour
+    small boxes (mean 0.14 of the crop instead of 0.21).
     """
     # built in NumPy: its lazily zeroed allocation beats torch's (threaded) fill here
     box = np.zeros((size, size), dtype=bool)
-    if rng.random() >= p:
+    if rng.random() > p:
         return torch.from_numpy(box)
+    box_area = rng.uniform(*area) * size * size
     while True:
-        box_area = rng.uniform(*area) * size * size
         aspect = rng.uniform(*ratio)
-        w = max(1, round(math.sqrt(box_area * aspect)))
-        h = max(1, round(math.sqrt(box_area / aspect)))
-        x = rng.randint(0, size)
-        y = rng.randint(0, size)
+        w = int(math.sqrt(box_area / aspect))
+        h = int(math.sqrt(box_area * aspect))
+        x = rng.randint(0, size - 1)
+        y = rng.randint(0, size - 1)
         if x + w <= size and y + h <= size:
             break
     box[y : y + h, x : x + w] = True
