@@ -148,10 +148,15 @@ def test_resuming_with_another_number_of_processes_is_refused(data_root, tmp_pat
     train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.stop_after=2",
                "train.checkpoint_every=2"))
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["data"]["world_size"] = 4
+    ckpt["data"].update(world_size=4, global_batch=[8, 0])  # what 4 processes of 2 labeled trained with
     torch.save(ckpt, run / "last.pt")
-    with pytest.raises(TrainingError, match="trained by 4 process"):
+    with pytest.raises(TrainingError, match=r"trained by 4 process.*global batch of 8 images.*gives 2 \(2 per "
+                                            r"process x 1 process x accumulate 1 = 2\).*train.allow_replan=true"):
         train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.checkpoint_every=2"))
+    # Asked for, it goes on with the new batch.
+    result = train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.checkpoint_every=2",
+                        "train.allow_replan=true"))
+    assert result.iters == 4
 
 
 def test_torchrun_command_line(data_root, tmp_path):
