@@ -253,3 +253,58 @@ def test_two_process_run_resumes_exactly(data_root, tmp_path, model):
         for name in ("student", "teacher"):
             for key, value in a[name].items():
                 assert torch.equal(value, b[name][key]), f"rank {rank}: {name}.{key}"
+
+
+def _preempt_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -> None:
+    """Rank 1 alone gets SIGTERM during step 2 of the first config; then the second config resumes."""
+    import signal
+
+    from dssn.config import build_config
+    from dssn.engine import trainer as tr
+    from dssn.errors import TrainingPreempted
+
+    kept, seen = {}, {}
+    _keep_final_networks(tr.Trainer, kept)
+    plain_step = tr.optimizer_step
+
+    def step_with_signal(method, optimizer, micro_batches, step, *args, **kwargs):
+        if rank == 1 and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return plain_step(method, optimizer, micro_batches, step, *args, **kwargs)
+
+    _join(rank, world, port)
+    try:
+        tr.optimizer_step = step_with_signal
+        try:
+            tr.train(build_config(cfg_dicts[0]))
+        except TrainingPreempted as err:
+            seen.update(status=err.exit_status, message=str(err))
+        tr.optimizer_step = plain_step
+        tr.train(build_config(cfg_dicts[1]))
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save({"models": kept, **seen}, Path(out) / f"rank{rank}.pt")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_resumes_exactly(data_root, tmp_path):
+    """Both ranks finish step 2, rank 0 writes its checkpoint, both stop with the preemption status;
+    resumed, the run ends bit-identical to one that was never stopped (steps lost: 0)."""
+    common = ("method.name=dssn", "train.iters=4", "train.checkpoint_every=100", "train.deterministic=true",
+              "train.eval_every=100")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    run_processes(_train_worker, (2, free_port(), [tiny(data_root, tmp_path / "a", *common).to_dict()],
+                                  str(straight)), nprocs=2)
+    cfg = tiny(data_root, tmp_path / "b", *common).to_dict()
+    run_processes(_preempt_worker, (2, free_port(), [cfg, cfg], str(resumed)), nprocs=2)
+    for rank in range(2):
+        a = torch.load(straight / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
+        assert b["status"] == 75 and "after step 2/4" in b["message"] and "steps lost: 0" in b["message"]
+        for name in ("student", "teacher"):
+            for key, value in a[name].items():
+                assert torch.equal(value, b["models"][name][key]), f"rank {rank}: {name}.{key}"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # step 2's checkpoint: nothing trained twice, nothing lost

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dssn.config import load_config, preset_names
 from dssn.constants import NETWORK_CHOICES
-from dssn.errors import DssnError
+from dssn.errors import DssnError, TrainingPreempted
 from dssn.registry import METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except TrainingPreempted as err:  # a clean stop, not a failure: its own exit status (docs/training.md)
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_status
     except (DssnError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

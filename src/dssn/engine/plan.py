@@ -135,7 +135,8 @@ def _explicit_plan(train: TrainConfig, world_size: int, uses_unlabeled: bool) ->
     sizes = []
     for given, target, key, global_key in (
             (train.batch_size, train.global_batch, "batch_size", "global_batch"),
-            (train.batch_size_unlabeled, train.global_batch_unlabeled, "batch_size_unlabeled", "global_batch_unlabeled")):
+            (train.batch_size_unlabeled, train.global_batch_unlabeled, "batch_size_unlabeled",
+             "global_batch_unlabeled")):
         if given is None:
             if target % share and (key == "batch_size" or uses_unlabeled):
                 raise PlanError(f"train.{key} is not set and train.{global_key}={target} cannot be split over "

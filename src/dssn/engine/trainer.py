@@ -26,6 +26,7 @@ from dssn.data import build_train_datasets, build_val_dataset, class_names_for, 
 from dssn.data.check import check_before_training
 from dssn.engine.checkpoint import (
     FORMAT,
+    LAST,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -50,6 +51,7 @@ from dssn.engine.logger import RunLogger
 from dssn.engine.monitor import TrainingMonitor
 from dssn.engine.plan import apply_plan, plan_batches
 from dssn.engine.precision import precision_name, resolve_precision
+from dssn.engine.preemption import StopSignals, requeue_slurm_job
 from dssn.engine.rundir import check_free_space, open_run_dir
 from dssn.engine.runtime import (
     make_loader,
@@ -60,7 +62,7 @@ from dssn.engine.runtime import (
     to_device,
     use_channels_last,
 )
-from dssn.errors import TrainingError
+from dssn.errors import TrainingError, TrainingPreempted
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
 from dssn.models import build_model, check_model_config
@@ -359,15 +361,31 @@ class Trainer:
 
     # ---- loop -----------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg = self.cfg.train
         start = time.perf_counter()
         self.method.train()
+        steps = self._steps()
+        self._final: dict[str, EvalResult] = {}
+        first_step = self.step
+        with StopSignals() as signals:  # a second signal while the stop's checkpoint is written changes nothing
+            stopped = self._loop(steps, signals)
+            preempted = self._preempted(signals.received) if stopped == "preempted" else None
+        wall = time.perf_counter() - start
+        self.logger.close()
+        if preempted is not None:
+            raise preempted
+        if stopped:
+            return self._result({}, wall)
+        if self.step == first_step:  # a resumed run that had already finished: report its last scores
+            return self._result(self.last_eval, wall)
+        summary = {name: r.summary(self.class_names) for name, r in self._final.items()}
+        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
+        return self._result(summary, wall)
+
+    def _loop(self, steps: Iterator[list[Batch]], signals: StopSignals) -> str | None:
+        """Train to the last step; ``stop_after`` or ``preempted`` when stopped before it."""
+        cfg = self.cfg.train
         running: dict[str, torch.Tensor] = {}
         n_running = 0
-        steps = self._steps()
-        final: dict[str, EvalResult] = {}
-        stopped = False
-        first_step = self.step
         if self._rng_to_restore is not None:  # last, so that nothing draws between it and the loop
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -394,23 +412,37 @@ class Trainer:
             epoch_done = self.step % self.iters_per_epoch == 0
             epoch = self.step // self.iters_per_epoch
             if (epoch_done and epoch % cfg.eval_every == 0) or self.step == self.total_iters:
-                final = self._evaluate_and_checkpoint(epoch)
+                self._final = self._evaluate_and_checkpoint(epoch)
                 self.method.train()
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if (epoch_done or periodic) and self.last_saved != self.step:
                 self._save(epoch)
+            if self.step < self.total_iters and self._stop_requested(signals):
+                if self.last_saved != self.step:
+                    self._save(epoch)
+                return "preempted"
             if cfg.stop_after and self.step >= cfg.stop_after and self.step < self.total_iters:
-                stopped = True  # debugging: as if killed here (no extra checkpoint, no final evaluation)
-                break
-        wall = time.perf_counter() - start
-        self.logger.close()
-        if stopped:
-            return self._result({}, wall)
-        if self.step == first_step:  # a resumed run that had already finished: report its last scores
-            return self._result(self.last_eval, wall)
-        summary = {name: r.summary(self.class_names) for name, r in final.items()}
-        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
-        return self._result(summary, wall)
+                return "stop_after"  # debugging: as if killed here (no extra checkpoint, no final evaluation)
+        return None
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they stop after the same step)."""
+        if not self.dist.enabled:
+            return signals.received is not None
+        flag = torch.tensor([float(signals.received is not None)], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def _preempted(self, received: str | None) -> TrainingPreempted:
+        """After the stop's checkpoint: requeue the SLURM job if asked, and the error every rank raises."""
+        requeued = ""
+        if self.cfg.train.requeue:
+            requeued = run_on_main(requeue_slurm_job, self.dist) or ""
+            self.logger.message(requeued)
+        why = received or "a stop signal on another process"
+        message = (f"stopped by {why} after step {self.step}/{self.total_iters}; its checkpoint is {self.run_dir}/"
+                   f"{LAST} (steps lost: 0). Run the same command again to resume it exactly")
+        self.logger.message(message + (f"; {requeued}" if requeued else ""))
+        return TrainingPreempted(message)
 
     def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
         return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
