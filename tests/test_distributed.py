@@ -308,3 +308,50 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_resumes_exactly(data_roo
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4]  # step 2's checkpoint: nothing trained twice, nothing lost
+
+
+@pytest.mark.parametrize(("nodelist", "host"), [
+    ("node[01-03,07]", "node01"), ("node[01-03,07],gpu5", "node01"), ("gpu5,node[1-2]", "gpu5"),
+    ("rack[1-2]-n[4-5]", "rack1-n4"), ("n[7]", "n7"), ("127.0.0.1", "127.0.0.1")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    from dssn.engine.distributed import first_host
+
+    assert first_host(nodelist) == host
+
+
+def test_slurm_variables_give_torchruns_and_torchruns_win():
+    from dssn.engine.distributed import slurm_env
+
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-004]",
+             "SLURM_JOB_ID": "123456"}
+    assert slurm_env(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+                                "MASTER_PORT": str(10000 + 123456 % 50000)}
+    assert slurm_env({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == {}  # under torchrun: its variables
+    assert slurm_env({**slurm, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    assert slurm_env({**slurm, "SLURM_NTASKS": "1"}) == {} and slurm_env({}) == {}
+
+
+def test_srun_style_launch_with_only_slurm_variables(data_root, tmp_path):
+    """Two `dssn train` processes started as srun starts them (SLURM's variables, no torchrun's) on
+    127.0.0.1: one gloo group, a run that trains and checkpoints."""
+    port = free_port()
+    while not 10000 <= port < 60000:
+        port = free_port()
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data_root, run, "method.name=supervised", "train.iters=2", "train.checkpoint_every=1")
+    torchrun_names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in torchrun_names and not k.startswith("SLURM")}
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"), SLURM_NTASKS="2",
+                SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=str(port - 10000))
+    procs = [subprocess.Popen([sys.executable, "-m", "dssn", "train", "synthetic", *overrides],
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "batch plan: 2 per process x 2 processes x accumulate 1 = 4" in outs[0][1]  # rank 0 logs the plan
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["data"]["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
