@@ -55,7 +55,8 @@ def test_max_batch_per_gpu_accumulates_to_keep_the_global_batch():
 def test_uneven_global_batches_use_their_common_divisor():
     train = load_config("synthetic").train  # 8 + 4: gcd 4
     assert plan_batches(train, 4).line() == "2 + 1 per GPU x 4 GPUs x accumulate 1 = 8 + 4"
-    with pytest.raises(PlanError, match=r"8 \+ 4 cannot be split evenly over 8 process.*Run on 1, 2, 4 process"):
+    with pytest.raises(PlanError, match=r"8 \+ 4 \(train.global_batch, train.global_batch_unlabeled\) cannot be "
+                                        r"split evenly over 8 process.*Run on 1, 2, 4 process"):
         plan_batches(train, 8)
     # A method without unlabeled data splits the labeled batch alone.
     alone = plan_batches(train, 8, uses_unlabeled=False)
@@ -117,3 +118,15 @@ def test_a_run_folder_from_before_the_plan_still_resumes(data_root, tmp_path):
     torch.save(state, run / "last.pt")
     result = train(load(str(run / "config.yaml")))
     assert result.iters == 4
+
+
+def test_dssn_plan_prints_the_plan_for_each_number_of_processes(capsys):
+    from dssn.cli import main
+
+    assert main(["plan", "pascal-dinov2", "--processes", "1", "2", "8"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "  1: 16 + 16 per GPU x 1 GPU x accumulate 1 = 16 + 16",
+        "  2: 8 + 8 per GPU x 2 GPUs x accumulate 1 = 16 + 16",
+        "  8: 2 + 2 per GPU x 8 GPUs x accumulate 1 = 16 + 16"]
+    assert main(["plan", "cityscapes", "--processes", "8"]) == 2
+    assert "cannot be split evenly over 8 process" in capsys.readouterr().out

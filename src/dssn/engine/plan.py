@@ -121,7 +121,8 @@ def plan_batches(train: TrainConfig, world_size: int, uses_unlabeled: bool = Tru
     pair = f"{target_l} + {target_u}" if uses_unlabeled else str(target_l)
     working = ", ".join(str(d) for d in _divisors(need))
     limit = f" with at most train.max_batch_per_gpu={cap} images per micro-batch" if cap is not None else ""
-    raise PlanError(f"the global batch train.global_batch={pair} cannot be split evenly over {world_size} "
+    raise PlanError(f"the global batch {pair} (train.global_batch{', train.global_batch_unlabeled' * uses_unlabeled})"
+                    f" cannot be split evenly over {world_size} "
                     f"process(es){limit} at train.accumulate >= {train.accumulate}: every process takes the same "
                     f"whole number of images per micro-batch. Run on {working} process(es), or set the per-process "
                     "batch yourself with train.batch_size=N and train.batch_size_unlabeled=N (the global batch is "
