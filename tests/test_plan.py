@@ -130,3 +130,20 @@ def test_dssn_plan_prints_the_plan_for_each_number_of_processes(capsys):
         "  8: 2 + 2 per GPU x 8 GPUs x accumulate 1 = 16 + 16"]
     assert main(["plan", "cityscapes", "--processes", "8"]) == 2
     assert "cannot be split evenly over 8 process" in capsys.readouterr().out
+
+
+def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
+    """SIGTERM stops the grid at its current run (the next `dssn sweep` resumes it), not just that run."""
+    from dssn.apps import sweep
+    from dssn.errors import TrainingPreempted
+
+    calls = []
+
+    def stopped(cfg):
+        calls.append(cfg.run_dir)
+        raise TrainingPreempted("stopped by SIGTERM after step 1/3")
+
+    monkeypatch.setattr(sweep, "train", stopped)
+    with pytest.raises(TrainingPreempted):
+        sweep.run_sweep("synthetic", ["train.lr=0.1,0.2"], tmp_path / "out", compare=False)
+    assert len(calls) == 1
