@@ -238,8 +238,9 @@ class Trainer:
         # An epoch is one pass over the unlabeled set (the labeled set is repeated to its length).
         self.iters_per_epoch = min(len(loader) for loader in self.loaders) // t.accumulate
         if self.iters_per_epoch == 0:
-            raise TrainingError("the training set is smaller than one step's batches (batch size x accumulate x "
-                                "processes); lower train.batch_size or train.accumulate")
+            raise TrainingError("the training set is smaller than one step's global batch "
+                                f"({self.plan.line('process')}); lower train.global_batch and "
+                                "train.global_batch_unlabeled (or train.batch_size, train.accumulate if set by hand)")
         self.total_iters = t.iters or t.epochs * self.iters_per_epoch
         val_dataset = build_val_dataset(cfg)
         # Each rank scores its own images, every image exactly once; the confusion matrices are summed.
