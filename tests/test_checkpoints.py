@@ -210,18 +210,22 @@ def test_run_folder_detection(tmp_path, data_root):
         rundir.open_run_dir(cfg)
 
 
-def _signal_during_step(monkeypatch, at_step: int, signum=signal.SIGTERM) -> None:
-    """Deliver ``signum`` to this process in the middle of optimizer step ``at_step`` (0-based)."""
+def _signal_during_step(monkeypatch, at_step: int | None, signum=signal.SIGTERM) -> list[int]:
+    """Deliver ``signum`` to this process in the middle of optimizer step ``at_step`` (0-based; None:
+    never). Returns the list the steps that run are appended to."""
     from dssn.engine import trainer as tr
 
     plain = tr.optimizer_step
+    ran = []
 
     def step_with_signal(method, optimizer, micro_batches, step, *args, **kwargs):
+        ran.append(step)
         if step == at_step:
             os.kill(os.getpid(), signum)  # its handler runs here, before the step's forward pass
         return plain(method, optimizer, micro_batches, step, *args, **kwargs)
 
     monkeypatch.setattr(tr, "optimizer_step", step_with_signal)
+    return ran
 
 
 def _train_steps_logged(run: Path) -> list[int]:
@@ -237,13 +241,15 @@ def test_sigterm_mid_epoch_stops_after_the_step_and_resumes_bit_identical(data_r
 
     run = tmp_path / "run"
     args = ["train", "synthetic", *overrides(data_root, run, "train.iters=10", "train.checkpoint_every=3")]
-    _signal_during_step(monkeypatch, at_step=4)
+    first = _signal_during_step(monkeypatch, at_step=4)
     assert main(args) == PREEMPTED_EXIT_STATUS == 75
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["step"] == 5 and _train_steps_logged(run) == [1, 2, 3, 4, 5]  # steps lost: 0
+    assert state["step"] == 5 and _train_steps_logged(run) == [1, 2, 3, 4, 5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     monkeypatch.undo()
+    second = _signal_during_step(monkeypatch, at_step=None)
     assert main(args) == 0
+    assert (first, second) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])  # steps lost: 0, none trained twice
     assert_same_weights(straight / "last.pt", run / "last.pt")
     assert _train_steps_logged(run) == list(range(1, 11))
 
@@ -272,7 +278,9 @@ def test_a_signal_during_the_save_leaves_the_previous_checkpoint_intact(data_roo
     assert (run / "checkpoints" / "step-00000003.pt").read_bytes() == before["step3"]
     assert [s for s, _ in ckpt.step_files(run)] == [3, 6] and not list(run.rglob("*.tmp"))
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 6
+    resumed = _signal_during_step(monkeypatch, at_step=None)
     train(cfg)
+    assert resumed == [6, 7, 8, 9]
     assert_same_weights(straight / "last.pt", run / "last.pt")
 
 

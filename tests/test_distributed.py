@@ -256,34 +256,40 @@ def test_two_process_run_resumes_exactly(data_root, tmp_path, model):
 
 
 def _preempt_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -> None:
-    """Rank 1 alone gets SIGTERM during step 2 of the first config; then the second config resumes."""
+    """One spawn, three runs: ``cfg_dicts[0]`` straight through; ``cfg_dicts[1]`` with SIGTERM to rank 1
+    alone during step 2; then ``cfg_dicts[1]`` again, which resumes it."""
     import signal
 
     from dssn.config import build_config
     from dssn.engine import trainer as tr
     from dssn.errors import TrainingPreempted
 
-    kept, seen = {}, {}
+    kept, seen, ran = {}, {}, []
     _keep_final_networks(tr.Trainer, kept)
     plain_step = tr.optimizer_step
+    signal_at = [None]
 
-    def step_with_signal(method, optimizer, micro_batches, step, *args, **kwargs):
-        if rank == 1 and step == 1:
+    def counted_step(method, optimizer, micro_batches, step, *args, **kwargs):
+        ran.append(step)
+        if rank == 1 and step == signal_at[0]:
             os.kill(os.getpid(), signal.SIGTERM)
         return plain_step(method, optimizer, micro_batches, step, *args, **kwargs)
 
+    tr.optimizer_step = counted_step
     _join(rank, world, port)
     try:
-        tr.optimizer_step = step_with_signal
+        tr.train(build_config(cfg_dicts[0]))
+        straight = copy.deepcopy(kept)
+        signal_at[0] = 1
         try:
-            tr.train(build_config(cfg_dicts[0]))
+            tr.train(build_config(cfg_dicts[1]))
         except TrainingPreempted as err:
             seen.update(status=err.exit_status, message=str(err))
-        tr.optimizer_step = plain_step
+        signal_at[0] = None
         tr.train(build_config(cfg_dicts[1]))
     finally:
         torch.distributed.destroy_process_group()
-    torch.save({"models": kept, **seen}, Path(out) / f"rank{rank}.pt")
+    torch.save({"straight": straight, "resumed": kept, "ran": ran, **seen}, Path(out) / f"rank{rank}.pt")
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_and_resumes_exactly(data_root, tmp_path):
@@ -291,20 +297,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_resumes_exactly(data_roo
     resumed, the run ends bit-identical to one that was never stopped (steps lost: 0)."""
     common = ("method.name=dssn", "train.iters=4", "train.checkpoint_every=100", "train.deterministic=true",
               "train.eval_every=100")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    straight.mkdir()
-    resumed.mkdir()
-    run_processes(_train_worker, (2, free_port(), [tiny(data_root, tmp_path / "a", *common).to_dict()],
-                                  str(straight)), nprocs=2)
-    cfg = tiny(data_root, tmp_path / "b", *common).to_dict()
-    run_processes(_preempt_worker, (2, free_port(), [cfg, cfg], str(resumed)), nprocs=2)
+    cfgs = [tiny(data_root, tmp_path / run, *common).to_dict() for run in ("a", "b")]
+    run_processes(_preempt_worker, (2, free_port(), cfgs, str(tmp_path)), nprocs=2)
     for rank in range(2):
-        a = torch.load(straight / f"rank{rank}.pt", weights_only=True)
-        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
-        assert b["status"] == 75 and "after step 2/4" in b["message"] and "steps lost: 0" in b["message"]
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert out["status"] == 75 and "after step 2/4" in out["message"] and "steps lost: 0" in out["message"]
+        assert out["ran"] == [0, 1, 2, 3] + [0, 1] + [2, 3]  # straight; stopped after step 2; resumed there
         for name in ("student", "teacher"):
-            for key, value in a[name].items():
-                assert torch.equal(value, b["models"][name][key]), f"rank {rank}: {name}.{key}"
+            for key, value in out["straight"][name].items():
+                assert torch.equal(value, out["resumed"][name][key]), f"rank {rank}: {name}.{key}"
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4]  # step 2's checkpoint: nothing trained twice, nothing lost
