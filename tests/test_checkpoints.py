@@ -301,3 +301,28 @@ def test_requeue_calls_scontrol_after_the_checkpoint(data_root, tmp_path, monkey
     with pytest.raises(TrainingPreempted, match="stopped by SIGUSR1 after step 2/4"):
         train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.requeue=true"))
     assert (tmp_path / "called").read_text().split() == ["requeue", "4242", "saved"]
+
+
+def test_sigterm_from_outside_gives_exit_status_75_and_a_checkpoint_of_the_last_step(data_root, tmp_path):
+    """The real thing: `dssn train` in its own process, SIGTERM sent to it mid-run by another process."""
+    run = tmp_path / "run"
+    args = overrides(data_root, run, "method.name=supervised", "train.iters=500", "train.checkpoint_every=0")
+    child = subprocess.Popen([sys.executable, "-m", "dssn", "train", "synthetic", *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                if len(_train_steps_logged(run)) >= 2:
+                    break
+            except (OSError, ValueError):  # not written yet, or a line being written
+                pass
+            time.sleep(0.01)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 75, err[-2000:]
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 2 <= step < 500 and _train_steps_logged(run) == list(range(1, step + 1))  # steps lost: 0
+    assert f"stopped by SIGTERM after step {step}/500" in err and "steps lost: 0" in err
