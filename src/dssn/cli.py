@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingPreempted as err:  # a clean stop, not a failure: its own exit status (docs/training.md)
-        print(f"stopped: {err}", file=sys.stderr)
+        print(err, file=sys.stderr)
         return err.exit_status
     except (DssnError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

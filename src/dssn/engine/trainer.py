@@ -435,15 +435,12 @@ class Trainer:
 
     def _preempted(self, received: str | None) -> TrainingPreempted:
         """After the stop's checkpoint: requeue the SLURM job if asked, and the error every rank raises."""
-        requeued = ""
         if self.cfg.train.requeue:
-            requeued = run_on_main(requeue_slurm_job, self.dist) or ""
-            self.logger.message(requeued)
+            self.logger.message(run_on_main(requeue_slurm_job, self.dist) or "")
         why = received or "a stop signal on another process"
-        message = (f"stopped by {why} after step {self.step}/{self.total_iters}; its checkpoint is {self.run_dir}/"
-                   f"{LAST} (steps lost: 0). Run the same command again to resume it exactly")
-        self.logger.message(message + (f"; {requeued}" if requeued else ""))
-        return TrainingPreempted(message)
+        return TrainingPreempted(f"stopped by {why} after step {self.step}/{self.total_iters}; its checkpoint is "
+                                 f"{self.run_dir}/{LAST} (steps lost: 0). Run the same command again to resume it "
+                                 "exactly")
 
     def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
         return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
