@@ -147,3 +147,26 @@ def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
     with pytest.raises(TrainingPreempted):
         sweep.run_sweep("synthetic", ["train.lr=0.1,0.2"], tmp_path / "out", compare=False)
     assert len(calls) == 1
+
+
+def test_another_number_of_processes_that_keeps_the_global_batch_resumes(data_root, tmp_path, capsys):
+    """A run planned from the global batch, checkpointed by 2 processes (2 + 2 each), goes on in one
+    (4 + 4): same global batch, so it is accepted, and the log says what differs."""
+    import torch
+
+    from dssn.engine.trainer import train
+
+    run = tmp_path / "run"
+    common = ("method.name=fixmatch", "train.batch_size=null", "train.batch_size_unlabeled=null",
+              "train.global_batch=4", "train.global_batch_unlabeled=4", "train.iters=4", "train.checkpoint_every=2")
+    train(tiny(data_root, run, *common, "train.stop_after=2"))
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["data"]["global_batch"] == [4, 4] and state["plan"]["world_size"] == 1
+    state["data"]["world_size"] = 2  # as if two processes of 2 + 2 had written it
+    (run / "last.pt").unlink()
+    torch.save(state, run / "last.pt")
+    capsys.readouterr()
+    assert train(tiny(data_root, run, *common)).iters == 4
+    err = capsys.readouterr().err
+    assert "resumed by 1 process(es) instead of 2: global batch 4 + 4 per step as before" in err
+    assert "batch plan: 4 + 4 per process x 1 process x accumulate 1 = 4 + 4" in err
