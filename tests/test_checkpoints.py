@@ -208,3 +208,121 @@ def test_run_folder_detection(tmp_path, data_root):
     (tmp_path / "run" / "config.yaml").write_text("just: some yaml\n")
     with pytest.raises(TrainingError, match="holds no dssn run"):
         rundir.open_run_dir(cfg)
+
+
+def _signal_during_step(monkeypatch, at_step: int | None, signum=signal.SIGTERM) -> list[int]:
+    """Deliver ``signum`` to this process in the middle of optimizer step ``at_step`` (0-based; None:
+    never). Returns the list the steps that run are appended to."""
+    from dssn.engine import trainer as tr
+
+    plain = tr.optimizer_step
+    ran = []
+
+    def step_with_signal(method, optimizer, micro_batches, step, *args, **kwargs):
+        ran.append(step)
+        if step == at_step:
+            os.kill(os.getpid(), signum)  # its handler runs here, before the step's forward pass
+        return plain(method, optimizer, micro_batches, step, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "optimizer_step", step_with_signal)
+    return ran
+
+
+def _train_steps_logged(run: Path) -> list[int]:
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if r["kind"] == "train"]
+
+
+def test_sigterm_mid_epoch_stops_after_the_step_and_resumes_bit_identical(data_root, straight, tmp_path, monkeypatch):
+    """SIGTERM during step 5 (epoch 0 has 7): the step finishes, a checkpoint of it is written, the
+    command exits with its own status; the same command resumes to the uninterrupted run's weights."""
+    from dssn.cli import main
+    from dssn.errors import PREEMPTED_EXIT_STATUS
+
+    run = tmp_path / "run"
+    args = ["train", "synthetic", *overrides(data_root, run, "train.iters=10", "train.checkpoint_every=3")]
+    first = _signal_during_step(monkeypatch, at_step=4)
+    assert main(args) == PREEMPTED_EXIT_STATUS == 75
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] == 5 and _train_steps_logged(run) == [1, 2, 3, 4, 5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    monkeypatch.undo()
+    second = _signal_during_step(monkeypatch, at_step=None)
+    assert main(args) == 0
+    assert (first, second) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])  # steps lost: 0, none trained twice
+    assert_same_weights(straight / "last.pt", run / "last.pt")
+    assert _train_steps_logged(run) == list(range(1, 11))
+
+
+def test_a_signal_during_the_save_leaves_the_previous_checkpoint_intact(data_root, straight, tmp_path, monkeypatch):
+    """SIGTERM and then SIGUSR1 arrive while step 6's checkpoint is being written: the write finishes,
+    step 3's checkpoint is untouched, no temporary file is left, and the run resumes exactly."""
+    run = tmp_path / "run"
+    cfg = tiny(data_root, run, "train.iters=10", "train.checkpoint_every=3")
+    plain_save = torch.save
+    before = {}
+
+    def save_under_signals(obj, f):
+        if isinstance(obj, dict) and obj.get("step") == 6:
+            before.update(step3=(run / "checkpoints" / "step-00000003.pt").read_bytes())
+            os.kill(os.getpid(), signal.SIGTERM)
+            plain_save(obj, f)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            plain_save(obj, f)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_under_signals)
+    with pytest.raises(TrainingError, match=r"stopped by SIGTERM after step 6/10.*steps lost: 0"):
+        train(cfg)
+    monkeypatch.undo()
+    assert (run / "checkpoints" / "step-00000003.pt").read_bytes() == before["step3"]
+    assert [s for s, _ in ckpt.step_files(run)] == [3, 6] and not list(run.rglob("*.tmp"))
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 6
+    resumed = _signal_during_step(monkeypatch, at_step=None)
+    train(cfg)
+    assert resumed == [6, 7, 8, 9]
+    assert_same_weights(straight / "last.pt", run / "last.pt")
+
+
+def test_requeue_calls_scontrol_after_the_checkpoint(data_root, tmp_path, monkeypatch):
+    """train.requeue=true under SLURM: ``scontrol requeue $SLURM_JOB_ID`` once the checkpoint exists
+    (a fake scontrol on PATH records its arguments and whether last.pt was there)."""
+    from dssn.errors import TrainingPreempted
+
+    run, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/called\n'
+                    f'test -f {run}/last.pt && echo saved >> {tmp_path}/called\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _signal_during_step(monkeypatch, at_step=1, signum=signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted, match="stopped by SIGUSR1 after step 2/4"):
+        train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.requeue=true"))
+    assert (tmp_path / "called").read_text().split() == ["requeue", "4242", "saved"]
+
+
+def test_sigterm_from_outside_gives_exit_status_75_and_a_checkpoint_of_the_last_step(data_root, tmp_path):
+    """The real thing: `dssn train` in its own process, SIGTERM sent to it mid-run by another process."""
+    run = tmp_path / "run"
+    args = overrides(data_root, run, "method.name=supervised", "train.iters=500", "train.checkpoint_every=0")
+    child = subprocess.Popen([sys.executable, "-m", "dssn", "train", "synthetic", *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                if len(_train_steps_logged(run)) >= 2:
+                    break
+            except (OSError, ValueError):  # not written yet, or a line being written
+                pass
+            time.sleep(0.01)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 75, err[-2000:]
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 2 <= step < 500 and _train_steps_logged(run) == list(range(1, step + 1))  # steps lost: 0
+    assert f"stopped by SIGTERM after step {step}/500" in err and "steps lost: 0" in err

@@ -8,14 +8,17 @@ from dssn.config import ConfigError, load_config, preset_names
 def test_presets_match_spec_table():
     assert {"pascal", "cityscapes", "coco", "synthetic"} <= set(preset_names())
     p = load_config("pascal")
-    assert (p.data.num_classes, p.data.crop_size, p.train.batch_size, p.train.batch_size_unlabeled) == (21, 513, 2, 2)
+    # The paper's 4 GPUs x (2 + 2), as a global batch the engine splits over the processes it has.
+    assert (p.data.num_classes, p.data.crop_size) == (21, 513)
+    assert (p.train.global_batch, p.train.global_batch_unlabeled) == (8, 8)
+    assert p.train.batch_size is None and p.train.batch_size_unlabeled is None
     assert (p.train.epochs, p.train.lr, p.train.lr_multi, p.train.labeled_loss) == (100, 0.002, 10, "ce")
     assert (p.method.selection, p.method.tau_low, p.method.ratio, p.data.strong_ops) == ("cplg", 0.92, 0.96, True)
     assert (p.method.lambda_c, p.method.weight_x, p.method.weight_u, p.method.ema_momentum) == (0.005, 0.5, 0.125, 0.996)
     assert p.model.backbone == "resnet101" and p.model.output_stride == 16 and p.model.dilations == (6, 12, 18)
     assert p.method.warmup_steps == 1 and p.eval.mode == "whole"
     c = load_config("cityscapes")
-    assert (c.data.num_classes, c.data.crop_size, c.train.batch_size, c.train.epochs) == (19, 801, 1, 240)
+    assert (c.data.num_classes, c.data.crop_size, c.train.global_batch, c.train.epochs) == (19, 801, 4, 240)
     assert (c.train.lr, c.train.lr_multi, c.train.labeled_loss, c.train.ohem_thresh, c.train.ohem_min_kept) == (
         0.005, 1, "ohem", 0.7, 100000)
     assert (c.method.selection, c.method.threshold, c.data.strong_ops, c.method.warmup_epochs) == (

@@ -148,10 +148,15 @@ def test_resuming_with_another_number_of_processes_is_refused(data_root, tmp_pat
     train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.stop_after=2",
                "train.checkpoint_every=2"))
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    ckpt["data"]["world_size"] = 4
+    ckpt["data"].update(world_size=4, global_batch=[8, 0])  # what 4 processes of 2 labeled trained with
     torch.save(ckpt, run / "last.pt")
-    with pytest.raises(TrainingError, match="trained by 4 process"):
+    with pytest.raises(TrainingError, match=r"trained by 4 process.*global batch of 8 images.*gives 2 \(2 per "
+                                            r"process x 1 process x accumulate 1 = 2\).*train.allow_replan=true"):
         train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.checkpoint_every=2"))
+    # Asked for, it goes on with the new batch.
+    result = train(tiny(data_root, run, "method.name=supervised", "train.iters=4", "train.checkpoint_every=2",
+                        "train.allow_replan=true"))
+    assert result.iters == 4
 
 
 def test_torchrun_command_line(data_root, tmp_path):
@@ -248,3 +253,106 @@ def test_two_process_run_resumes_exactly(data_root, tmp_path, model):
         for name in ("student", "teacher"):
             for key, value in a[name].items():
                 assert torch.equal(value, b[name][key]), f"rank {rank}: {name}.{key}"
+
+
+def _preempt_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -> None:
+    """One spawn, three runs: ``cfg_dicts[0]`` straight through; ``cfg_dicts[1]`` with SIGTERM to rank 1
+    alone during step 2; then ``cfg_dicts[1]`` again, which resumes it."""
+    import signal
+
+    from dssn.config import build_config
+    from dssn.engine import trainer as tr
+    from dssn.errors import TrainingPreempted
+
+    kept, seen, ran = {}, {}, []
+    _keep_final_networks(tr.Trainer, kept)
+    plain_step = tr.optimizer_step
+    signal_at = [None]
+
+    def counted_step(method, optimizer, micro_batches, step, *args, **kwargs):
+        ran.append(step)
+        if rank == 1 and step == signal_at[0]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return plain_step(method, optimizer, micro_batches, step, *args, **kwargs)
+
+    tr.optimizer_step = counted_step
+    _join(rank, world, port)
+    try:
+        tr.train(build_config(cfg_dicts[0]))
+        straight = copy.deepcopy(kept)
+        signal_at[0] = 1
+        try:
+            tr.train(build_config(cfg_dicts[1]))
+        except TrainingPreempted as err:
+            seen.update(status=err.exit_status, message=str(err))
+        signal_at[0] = None
+        tr.train(build_config(cfg_dicts[1]))
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save({"straight": straight, "resumed": kept, "ran": ran, **seen}, Path(out) / f"rank{rank}.pt")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_resumes_exactly(data_root, tmp_path):
+    """Both ranks finish step 2, rank 0 writes its checkpoint, both stop with the preemption status;
+    resumed, the run ends bit-identical to one that was never stopped (steps lost: 0)."""
+    common = ("method.name=dssn", "train.iters=4", "train.checkpoint_every=100", "train.deterministic=true",
+              "train.eval_every=100")
+    cfgs = [tiny(data_root, tmp_path / run, *common).to_dict() for run in ("a", "b")]
+    run_processes(_preempt_worker, (2, free_port(), cfgs, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert out["status"] == 75 and "after step 2/4" in out["message"] and "steps lost: 0" in out["message"]
+        assert out["ran"] == [0, 1, 2, 3] + [0, 1] + [2, 3]  # straight; stopped after step 2; resumed there
+        for name in ("student", "teacher"):
+            for key, value in out["straight"][name].items():
+                assert torch.equal(value, out["resumed"][name][key]), f"rank {rank}: {name}.{key}"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # step 2's checkpoint: nothing trained twice, nothing lost
+
+
+@pytest.mark.parametrize(("nodelist", "host"), [
+    ("node[01-03,07]", "node01"), ("node[01-03,07],gpu5", "node01"), ("gpu5,node[1-2]", "gpu5"),
+    ("rack[1-2]-n[4-5]", "rack1-n4"), ("n[7]", "n7"), ("127.0.0.1", "127.0.0.1")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    from dssn.engine.distributed import first_host
+
+    assert first_host(nodelist) == host
+
+
+def test_slurm_variables_give_torchruns_and_torchruns_win():
+    from dssn.engine.distributed import slurm_env
+
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[003-004]",
+             "SLURM_JOB_ID": "123456"}
+    assert slurm_env(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+                                "MASTER_PORT": str(10000 + 123456 % 50000)}
+    assert slurm_env({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == {}  # under torchrun: its variables
+    assert slurm_env({**slurm, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    assert slurm_env({**slurm, "SLURM_NTASKS": "1"}) == {} and slurm_env({}) == {}
+
+
+def test_srun_style_launch_with_only_slurm_variables(data_root, tmp_path):
+    """Two `dssn train` processes started as srun starts them (SLURM's variables, no torchrun's) on
+    127.0.0.1: one gloo group, a run that trains and checkpoints."""
+    port = free_port()
+    while not 10000 <= port < 60000:
+        port = free_port()
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data_root, run, "method.name=supervised", "train.iters=2", "train.checkpoint_every=1")
+    torchrun_names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in torchrun_names and not k.startswith("SLURM")}
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"), SLURM_NTASKS="2",
+                SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=str(port - 10000))
+    procs = [subprocess.Popen([sys.executable, "-m", "dssn", "train", "synthetic", *overrides],
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "batch plan: 2 per process x 2 processes x accumulate 1 = 4" in outs[0][1]  # rank 0 logs the plan
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["data"]["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dssn.config import load_config, preset_names
 from dssn.constants import NETWORK_CHOICES
-from dssn.errors import DssnError
+from dssn.errors import DssnError, TrainingPreempted
 from dssn.registry import METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
@@ -31,6 +31,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"{name}: mIoU {summary['miou']:.2f}")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dssn.engine.plan import PlanError, plan_batches
+    from dssn.method import METHODS as METHOD_CLASSES
+
+    cfg = load_config(args.config, args.overrides)
+    uses_unlabeled = METHOD_CLASSES[cfg.method.name].uses_unlabeled
+    failed = False
+    for world in args.processes:
+        try:
+            plan = plan_batches(cfg.train, world, uses_unlabeled)
+        except PlanError as err:
+            print(f"{world:>3}: cannot: {err}")
+            failed = True
+            continue
+        print(f"{world:>3}: {plan.line(args.unit)}")
+        if plan.lr_note():
+            print(f"     {plan.lr_note()}")
+    return 2 if failed else 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -384,8 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that run from its newest checkpoint, if the config matches (else it lists "
                                    "the differing keys; train.resume=force resumes anyway). To resume: "
                                    "dssn train RUN/config.yaml run_dir=RUN. Several GPUs or machines: "
-                                   "torchrun --nproc_per_node=N -m dssn train ... (batch sizes are per "
-                                   "process). Speed and memory: train.precision=auto|fp32|bf16|fp16 (auto, the "
+                                   "torchrun --nproc_per_node=N -m dssn train ..., or srun dssn train ... "
+                                   "under SLURM. A preset fixes the paper's global batch "
+                                   "(train.global_batch + train.global_batch_unlabeled); each run splits it over "
+                                   "its processes and prints the plan (4 + 4 per GPU x 2 GPUs x accumulate 1 = "
+                                   "8 + 8); train.max_batch_per_gpu=N accumulates instead of taking more per GPU; "
+                                   "train.batch_size=N sets the per-GPU batch by hand (train.lr_scaling="
+                                   "none|linear|sqrt). SIGTERM/SIGUSR1 stop after the current step with a "
+                                   "checkpoint and exit status 75 (train.requeue=true: scontrol requeue under "
+                                   "SLURM); the same command resumes. Speed and memory: train.precision=auto|fp32|bf16|fp16 (auto, the "
                                    "default: bf16 on GPUs with native bf16 and on CPUs with AMX or AVX-512 "
                                    "BF16, else fp32; the log says which), train.accumulate=K, "
                                    "train.channels_last, train.compile=true, model.checkpoint_backbone=true. "
@@ -397,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="show how a config's global batch is split over N processes",
+                       description="Print the batch plan a run of CONFIG would use on each number of processes "
+                                   "(GPUs): per-process batch x processes x accumulation = the global batch, "
+                                   "as 'dssn train' prints it at start; exit status 2 if one cannot be split. "
+                                   "Trains nothing.")
+    p.add_argument("config", help="preset name or path to a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                   help="numbers of processes to plan for (default 1 2 4 8)")
+    p.add_argument("--unit", choices=["GPU", "process"], default="GPU", help="what to call a process")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split",
                        description="Evaluate every network in a checkpoint (student and teacher) and print "
@@ -445,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except TrainingPreempted as err:  # a clean stop, not a failure: its own exit status (docs/training.md)
+        print(err, file=sys.stderr)
+        return err.exit_status
     except (DssnError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

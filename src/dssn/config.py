@@ -128,9 +128,10 @@ class TrainConfig(_Section):
     epochs: int = 100
     iters: int | None = None
     """Total iterations; overrides ``epochs`` when set."""
-    batch_size: int = 2
-    """Labeled images per step."""
-    batch_size_unlabeled: int = 2
+    batch_size: int | None = Field(None, ge=1)
+    """Labeled images per process per micro-batch, set by hand (the global batch is then this x
+    processes x ``accumulate``, and ``lr_scaling`` applies). None: derived from ``global_batch``."""
+    batch_size_unlabeled: int | None = Field(None, ge=1)
     lr: float = 0.002
     lr_multi: float = 10.0
     """The head's learning rate is ``lr * lr_multi``; the backbone's is ``lr``."""
@@ -171,9 +172,8 @@ class TrainConfig(_Section):
     """Debugging: stop after this many iterations as if killed (no extra checkpoint, no final eval)."""
     # ---- scale and speed
     accumulate: int = Field(1, ge=1)
-    """Micro-batches per optimizer step: one process with ``accumulate=4`` takes the effective batch,
-    iterations per epoch and learning-rate schedule of four processes (batch-norm statistics
-    still come from one micro-batch at a time)."""
+    """Micro-batches per optimizer step (batch-norm statistics still come from one micro-batch at a
+    time). With the batch derived from ``global_batch`` this is the least accumulation the plan uses."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision of the training step (autocast); ``fp16`` adds dynamic loss scaling.
     ``auto``: bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with AMX or
@@ -186,6 +186,21 @@ class TrainConfig(_Section):
     sync_bn: bool = True
     """Distributed runs on GPUs: batch-norm statistics over the global batch (SyncBatchNorm). CPU
     processes (gloo) cannot; their batch-norm buffers are averaged after every step instead."""
+    # ---- the global batch on any number of processes (engine.plan), preemption
+    global_batch: int = Field(2, ge=1)
+    """Labeled images per optimizer step over all processes: the paper's batch, which a preset fixes.
+    The engine splits it over the processes (and micro-batches) it has."""
+    global_batch_unlabeled: int = Field(2, ge=1)
+    max_batch_per_gpu: int | None = Field(None, ge=1)
+    """Most labeled (and most unlabeled) images one process takes per micro-batch; the plan
+    accumulates more micro-batches to keep the global batch. None: no limit."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """With a per-process batch set by hand: scale the learning rates by the ratio of the global batch
+    it gives to ``global_batch`` (``linear``) or by its square root (``sqrt``)."""
+    allow_replan: bool = False
+    """Resume with a number of processes whose plan changes the global batch (refused otherwise)."""
+    requeue: bool = False
+    """Under SLURM: after the checkpoint written on SIGTERM/SIGUSR1, ``scontrol requeue $SLURM_JOB_ID``."""
 
 
 class EvalConfig(_Section):

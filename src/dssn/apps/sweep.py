@@ -23,7 +23,7 @@ from typing import Any
 from dssn.apps.train import train
 from dssn.config import ConfigError, load_config
 from dssn.engine.rundir import RESULT_NAME, is_finished
-from dssn.errors import DssnError
+from dssn.errors import DssnError, TrainingPreempted
 from dssn.files import atomic_write_text
 from dssn.viz.compare import compare_runs
 
@@ -158,6 +158,8 @@ def run_sweep(config: str, items: list[str], out: str | Path | None = None, dry_
         cfg = load_config(config, [*plan.fixed, *(f"{k}={v}" for k, v in point.items()), f"run_dir={run_dir}"])
         try:
             result = train(cfg)
+        except TrainingPreempted:  # the job is being stopped: stop the grid too (it resumes where it was)
+            raise
         except DssnError as err:  # one failed point does not stop the grid
             print(f"[{i}/{total}] {name} failed: {err}")
             results.append(SweepRun(name, point, "failed", error=str(err)))

@@ -5,12 +5,17 @@
 shard of each epoch with the same model; DistributedDataParallel averages the gradients, so the
 student (and the EMA teacher computed from it) stays identical on every rank. Only rank 0 writes
 files. Without those variables everything here degrades to a single process and no collective.
+
+``srun dssn train ...`` needs no torchrun: under SLURM (``SLURM_PROCID`` and ``SLURM_NTASKS`` set,
+torchrun's ``RANK``/``WORLD_SIZE`` not) the same variables come from SLURM's (``slurm_env``); torchrun's
+win when both are set.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,18 +52,60 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise DssnError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
+        raise DssnError(f"environment variable {name}={raw!r} is not an integer (set by torchrun or "
+                        "from SLURM's variables)") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``node[01-03,07],gpu5`` -> ``node01``,
+    ``rack[1-2]-n[4-5]`` -> ``rack1-n4``."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry: up to a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    # Each bracket group's first value: the start of its first range (zero padding kept).
+    host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry)
+    if not host or "[" in host or "]" in host:
+        raise DssnError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR to it")
+    return host
+
+
+def slurm_env(env: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """torchrun's variables made from SLURM's, for ``srun`` launches: rank ``SLURM_PROCID``, world
+    size ``SLURM_NTASKS`` (``SLURM_STEP_NUM_TASKS`` inside an ``srun`` step), local rank
+    ``SLURM_LOCALID``, rendezvous at the first host of ``SLURM_JOB_NODELIST`` on a port derived from
+    ``SLURM_JOB_ID`` (10000-59999). Empty when torchrun's ``RANK`` and ``WORLD_SIZE`` are set (they
+    win), outside SLURM, or for a single task. ``MASTER_ADDR``/``MASTER_PORT`` already set are kept."""
+    if "RANK" in env and "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    world = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
+    if world.strip() == "1":
+        return {}
+    job = env.get("SLURM_JOB_ID", "0")
+    port = 10000 + (int(job) if job.isdigit() else sum(job.encode())) % 50000
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+           "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST") or "127.0.0.1"),
+           "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+    for name, value in out.items():
+        if name != "MASTER_ADDR" and not value.strip().isdigit():
+            raise DssnError(f"SLURM variable for {name} is {value!r}, not an integer; launch with srun")
+    return out
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, bool]:
-    """Join the process group described by torchrun's environment (``nccl`` on GPUs, ``gloo`` on
-    CPUs); on GPUs each process takes the GPU of its ``LOCAL_RANK``. Returns this process's place
-    and whether the group was created here (a caller that set one up keeps it)."""
+    """Join the process group described by torchrun's environment, or SLURM's (``slurm_env``;
+    ``nccl`` on GPUs, ``gloo`` on CPUs); on GPUs each process takes the GPU of its ``LOCAL_RANK``.
+    Returns this process's place and whether the group was created here (a caller that set one up
+    keeps it)."""
+    os.environ.update(slurm_env())  # torch's env:// rendezvous reads them
     info = DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
     if not info.enabled or dist.is_initialized():
         return info, False
     if device.type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(_local_gpu(info))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return info, True
@@ -67,8 +114,13 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, bool]:
 def process_device(device: torch.device, info: DistInfo) -> torch.device:
     """This process's device: GPU ``LOCAL_RANK`` for a CUDA run, else ``device`` unchanged."""
     if device.type == "cuda" and info.enabled:
-        return torch.device("cuda", info.local_rank)
+        return torch.device("cuda", _local_gpu(info))
     return device
+
+
+def _local_gpu(info: DistInfo) -> int:
+    """The GPU of ``LOCAL_RANK``; one that sees a single GPU (``srun --gpus-per-task=1``) takes it."""
+    return info.local_rank % max(torch.cuda.device_count(), 1)
 
 
 def shutdown() -> None:

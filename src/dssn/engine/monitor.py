@@ -88,6 +88,14 @@ class TrainingMonitor:
         write_json(self.run_dir / RUN_INFO_NAME, self.run_info)
         self._message(f"precision: {precision} ({reason})")
 
+    def note_plan(self, plan: dict[str, Any], line: str, notes: list[str]) -> None:
+        """The batch plan (``engine.plan``): log lines (the plan, then its notes: the learning-rate
+        rule, what batch norm sees) and ``run_info.json``."""
+        self.run_info.update(batch_plan={**plan, "line": line, "notes": notes})
+        write_json(self.run_dir / RUN_INFO_NAME, self.run_info)
+        for text in (line, *notes):
+            self._message(f"batch plan: {text}")
+
     # ---- hooks ---------------------------------------------------------------------------------
     def before_step(self, step: int, batch: Batch) -> None:
         """``step``: the 0-based index of the step about to run."""

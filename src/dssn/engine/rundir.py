@@ -49,9 +49,14 @@ RUNTIME_KEYS = (
     "train.channels_last", "train.compile", "model.checkpoint_backbone",
     "data.root", "data.num_workers", "eval.batch_size",
     "diag",  # a whole section: the diagnostics only read the step's tensors
+    "train.allow_replan", "train.requeue",
+    # How the global batch is split (engine.plan): the trainer compares the global batch itself on resume.
+    "train.batch_size", "train.batch_size_unlabeled", "train.global_batch", "train.global_batch_unlabeled",
+    "train.accumulate", "train.max_batch_per_gpu",
 )
 """Keys that may differ when a run is resumed: where things are, how it reports, how often it
-saves or evaluates; none of them changes the weights a run ends with."""
+saves or evaluates, and how the global batch is split over processes (the trainer refuses a
+resume that changes the global batch itself, ``Trainer._check_replan``)."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dssn.data import build_train_datasets, build_val_dataset, class_names_for, 
 from dssn.data.check import check_before_training
 from dssn.engine.checkpoint import (
     FORMAT,
+    LAST,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -48,7 +49,9 @@ from dssn.engine.distributed import (
 from dssn.engine.evaluate import EvalResult, evaluate
 from dssn.engine.logger import RunLogger
 from dssn.engine.monitor import TrainingMonitor
+from dssn.engine.plan import apply_plan, plan_batches
 from dssn.engine.precision import precision_name, resolve_precision
+from dssn.engine.preemption import StopSignals, requeue_slurm_job
 from dssn.engine.rundir import check_free_space, open_run_dir
 from dssn.engine.runtime import (
     make_loader,
@@ -59,7 +62,7 @@ from dssn.engine.runtime import (
     to_device,
     use_channels_last,
 )
-from dssn.errors import TrainingError
+from dssn.errors import TrainingError, TrainingPreempted
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
 from dssn.models import build_model, check_model_config
@@ -204,7 +207,12 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
                  dist: DistInfo = DistInfo()) -> None:
         """``resume``: a checkpoint of this run (``engine.checkpoint``) to continue from.
-        ``dist``: this process's place in a torchrun job (``train`` sets the process group up)."""
+        ``dist``: this process's place in a torchrun job (``train`` sets the process group up).
+        The per-process batch, accumulation and learning rate come from the batch plan
+        (``engine.plan``); ``self.cfg`` holds them, the run folder the config as written."""
+        method_class = METHODS[cfg.method.name]
+        self.plan = plan_batches(cfg.train, dist.world_size, method_class.uses_unlabeled)
+        cfg = apply_plan(cfg, self.plan)
         self.cfg = cfg
         self.run_dir = run_dir
         self.dist = dist
@@ -219,7 +227,6 @@ class Trainer:
         t, workers = cfg.train, cfg.data.num_workers
         # Each rank reads its shard of every epoch; an optimizer step takes `accumulate` batches.
         self.loaders = [make_train_loader(labeled, t.batch_size, t.seed, workers, self.device, dist)]
-        method_class = METHODS[cfg.method.name]
         if method_class.uses_unlabeled:
             if unlabeled is None:
                 raise TrainingError(f"method '{cfg.method.name}' needs unlabeled data: set data.unlabeled_split")
@@ -231,8 +238,9 @@ class Trainer:
         # An epoch is one pass over the unlabeled set (the labeled set is repeated to its length).
         self.iters_per_epoch = min(len(loader) for loader in self.loaders) // t.accumulate
         if self.iters_per_epoch == 0:
-            raise TrainingError("the training set is smaller than one step's batches (batch size x accumulate x "
-                                "processes); lower train.batch_size or train.accumulate")
+            raise TrainingError("the training set is smaller than one step's global batch "
+                                f"({self.plan.line('process')}); lower train.global_batch and "
+                                "train.global_batch_unlabeled (or train.batch_size, train.accumulate if set by hand)")
         self.total_iters = t.iters or t.epochs * self.iters_per_epoch
         val_dataset = build_val_dataset(cfg)
         # Each rank scores its own images, every image exactly once; the confusion matrices are summed.
@@ -264,6 +272,10 @@ class Trainer:
         # Only rank 0 writes; a problem it finds stops every rank.
         self.logger, self.monitor = run_on_main(open_logs, dist) or (_Quiet(), _Quiet())
         self.monitor.note_precision(precision_name(parts.autocast_dtype), parts.precision_reason)
+        unit = "GPU" if self.device.type == "cuda" else "process"
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        notes = [self.plan.lr_note(), self.plan.batch_norm_note(unit, self.sync_bn) if has_bn else None]
+        self.monitor.note_plan(self.plan.to_dict(), self.plan.line(unit), [n for n in notes if n])
         self.step = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
@@ -276,12 +288,7 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: networks, optimizer, step, best score, history, RNG states."""
-        saved_world = int(state.get("data", {}).get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise TrainingError(f"the run in {self.run_dir} was trained by {saved_world} process(es) and is resumed "
-                                f"by {self.dist.world_size}: the data order and the batch would change. Resume it "
-                                f"with the same number of processes (torchrun --nproc_per_node), or start a new "
-                                "run_dir")
+        replanned = self._check_replan(state)
         models = state["models"]
         for name, module in self.method.modules().items():
             if name not in models:
@@ -301,7 +308,9 @@ class Trainer:
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         ranks = state.get("rng_ranks")
-        if ranks and len(ranks) == self.dist.world_size:
+        if replanned:  # other processes: fresh random streams of their own, away from the run's first ones
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.step + self.dist.rank)
+        elif ranks and len(ranks) == self.dist.world_size:
             self._rng_to_restore = ranks[self.dist.rank]
         elif "rng" in state:
             self._rng_to_restore = state["rng"]
@@ -313,6 +322,29 @@ class Trainer:
                                 f"{self.total_iters}); nothing to train, its last scores follow")
         else:
             self.logger.message(f"resuming {self.run_dir} from step {self.step}/{self.total_iters}")
+
+    def _check_replan(self, state: dict[str, Any]) -> bool:
+        """Refuse a resume whose plan changes the run's global batch (another number of processes with
+        a per-process batch set by hand, or a run folder from before the batch plan), unless
+        ``train.allow_replan``. Returns whether the number of processes changed."""
+        data = state.get("data", {})
+        saved_world = int(data.get("world_size", 1))
+        saved_global, now = _saved_global_batch(state), self.plan.global_batch
+        pair = " + ".join(str(n) for n in now if n)
+        if saved_global != now and not self.cfg.train.allow_replan:
+            was = " + ".join(str(n) for n in saved_global if n)
+            raise TrainingError(f"the run in {self.run_dir} was trained by {saved_world} process(es) with a global "
+                                f"batch of {was} images per step; resumed by {self.dist.world_size} this config gives "
+                                f"{pair} ({self.plan.line('process')}), which would change the run. Resume it with "
+                                f"{saved_world} process(es), set the per-process batch that gives {was} "
+                                "(train.batch_size, train.batch_size_unlabeled), or add train.allow_replan=true to go "
+                                "on with the new batch")
+        if saved_world == self.dist.world_size:
+            return False
+        self.logger.message(f"resumed by {self.dist.world_size} process(es) instead of {saved_world}: global batch "
+                            f"{pair} per step as before; the data order and random streams differ from here on (not "
+                            "bit-identical to a run that kept its processes)")
+        return True
 
     # ---- data -----------------------------------------------------------------
     def _steps(self) -> Iterator[list[Batch]]:
@@ -330,15 +362,31 @@ class Trainer:
 
     # ---- loop -----------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg = self.cfg.train
         start = time.perf_counter()
         self.method.train()
+        steps = self._steps()
+        self._final: dict[str, EvalResult] = {}
+        first_step = self.step
+        with StopSignals() as signals:  # a second signal while the stop's checkpoint is written changes nothing
+            stopped = self._loop(steps, signals)
+            preempted = self._preempted(signals.received) if stopped == "preempted" else None
+        wall = time.perf_counter() - start
+        self.logger.close()
+        if preempted is not None:
+            raise preempted
+        if stopped:
+            return self._result({}, wall)
+        if self.step == first_step:  # a resumed run that had already finished: report its last scores
+            return self._result(self.last_eval, wall)
+        summary = {name: r.summary(self.class_names) for name, r in self._final.items()}
+        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
+        return self._result(summary, wall)
+
+    def _loop(self, steps: Iterator[list[Batch]], signals: StopSignals) -> str | None:
+        """Train to the last step; ``stop_after`` or ``preempted`` when stopped before it."""
+        cfg = self.cfg.train
         running: dict[str, torch.Tensor] = {}
         n_running = 0
-        steps = self._steps()
-        final: dict[str, EvalResult] = {}
-        stopped = False
-        first_step = self.step
         if self._rng_to_restore is not None:  # last, so that nothing draws between it and the loop
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -365,23 +413,34 @@ class Trainer:
             epoch_done = self.step % self.iters_per_epoch == 0
             epoch = self.step // self.iters_per_epoch
             if (epoch_done and epoch % cfg.eval_every == 0) or self.step == self.total_iters:
-                final = self._evaluate_and_checkpoint(epoch)
+                self._final = self._evaluate_and_checkpoint(epoch)
                 self.method.train()
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if (epoch_done or periodic) and self.last_saved != self.step:
                 self._save(epoch)
+            if self.step < self.total_iters and self._stop_requested(signals):
+                if self.last_saved != self.step:
+                    self._save(epoch)
+                return "preempted"
             if cfg.stop_after and self.step >= cfg.stop_after and self.step < self.total_iters:
-                stopped = True  # debugging: as if killed here (no extra checkpoint, no final evaluation)
-                break
-        wall = time.perf_counter() - start
-        self.logger.close()
-        if stopped:
-            return self._result({}, wall)
-        if self.step == first_step:  # a resumed run that had already finished: report its last scores
-            return self._result(self.last_eval, wall)
-        summary = {name: r.summary(self.class_names) for name, r in final.items()}
-        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
-        return self._result(summary, wall)
+                return "stop_after"  # debugging: as if killed here (no extra checkpoint, no final evaluation)
+        return None
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they stop after the same step)."""
+        if not self.dist.enabled:
+            return signals.received is not None
+        flag = torch.tensor([float(signals.received is not None)], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def _preempted(self, received: str | None) -> TrainingPreempted:
+        """After the stop's checkpoint: requeue the SLURM job if asked, and the error every rank raises."""
+        if self.cfg.train.requeue:
+            self.logger.message(run_on_main(requeue_slurm_job, self.dist) or "")
+        why = received or "a stop signal on another process"
+        return TrainingPreempted(f"stopped by {why} after step {self.step}/{self.total_iters}; its checkpoint is "
+                                 f"{self.run_dir}/{LAST} (steps lost: 0). Run the same command again to resume it "
+                                 "exactly")
 
     def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
         return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
@@ -457,8 +516,23 @@ class Trainer:
             **({"rng_ranks": rng_ranks} if self.dist.enabled else {}),
             "data": {"iters_per_epoch": self.iters_per_epoch, "epoch": self.step // self.iters_per_epoch,
                      "batches_done": self.step % self.iters_per_epoch, "world_size": self.dist.world_size,
-                     "accumulate": self.cfg.train.accumulate},
+                     "accumulate": self.cfg.train.accumulate, "global_batch": list(self.plan.global_batch)},
+            "plan": self.plan.to_dict(),
         }
+
+
+def _saved_global_batch(state: dict[str, Any]) -> tuple[int, int]:
+    """The global batch (labeled, unlabeled; 0 when unused) a checkpoint's run trained with; worked
+    out from its per-process batch for checkpoints written before the batch plan."""
+    data = state.get("data", {})
+    if "global_batch" in data:
+        return tuple(int(n) for n in data["global_batch"])
+    train = state.get("config", {}).get("train", {})
+    share = int(data.get("world_size", 1)) * int(data.get("accumulate", 1))
+    labeled, unlabeled = train.get("batch_size") or 0, train.get("batch_size_unlabeled") or 0
+    method = state.get("config", {}).get("method", {}).get("name", "dssn")
+    uses_unlabeled = METHODS[method].uses_unlabeled if method in METHODS else True
+    return labeled * share, unlabeled * share if uses_unlabeled else 0
 
 
 def train(cfg: Config) -> TrainResult:
