@@ -11,13 +11,22 @@ import json
 import sys
 from pathlib import Path
 
-from dssn.config import load_config, preset_names
+from dssn.config import load_config, method_config_class, preset_names
 from dssn.constants import NETWORK_CHOICES
 from dssn.errors import DssnError
 from dssn.registry import METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
+
+
+def method_keys_help() -> str:
+    """Each method's ``method.*`` keys under its name (a key of another method is refused)."""
+    parts = []
+    for name in METHODS:
+        keys = [k for k in method_config_class(name).model_fields if k != "name"]
+        parts.append(f"{name}: {', '.join(keys) if keys else 'none'}")
+    return "Each method reads its own method.* keys; " + "; ".join(parts) + "."
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the authors' script runs it: batch statistics in the first epoch, running "
                                    "statistics after), batch or running (either for the whole run). Methods: "
                                    f"method.name={'|'.join(METHODS.names())}; networks: "
-                                   f"model.name={'|'.join(MODELS.names())}.")
+                                   f"model.name={'|'.join(MODELS.names())}. " + method_keys_help())
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_train)

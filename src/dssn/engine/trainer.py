@@ -62,7 +62,7 @@ from dssn.engine.runtime import (
 from dssn.errors import TrainingError
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
-from dssn.models import build_model, check_model_config
+from dssn.models import build_model, check_model_config, check_pretrained
 
 
 @dataclass
@@ -475,6 +475,7 @@ def train(cfg: Config) -> TrainResult:
         run_on_main(lambda: check_before_training(cfg), dist)
         if not dist.is_main:
             check_before_training(cfg)
+        check_pretrained(cfg)  # a weights file that is not one: named before the run folder exists
 
         opened: dict[str, Any] = {}
 

@@ -41,6 +41,8 @@ class Method(ABC):
     """Base class: a student network plus whatever else the method trains or tracks."""
 
     name: str = "method"
+    config_class: type[MethodConfig] = MethodConfig
+    """This method's ``method`` section: the keys it reads (``dssn.method.settings``)."""
     uses_unlabeled: bool = True
     uses_partner_batch: bool = True
     """Whether the step reads ``Batch.partner``; without it the engine loads one unlabeled stream."""

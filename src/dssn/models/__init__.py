@@ -4,6 +4,8 @@ Each network is built from the config by the entry ``model.name`` names in ``MOD
 ``deeplabv3plus`` (ResNet-v1c, the paper's) and ``dpt`` (DINOv2 + DPT, UniMatch V2's).
 """
 
+from pathlib import Path
+
 from torch import nn
 
 from dssn.config import Config, ConfigError
@@ -17,6 +19,7 @@ from dssn.models.weights import (
     load_backbone_weights,
     load_state_dict_file,
     load_weights,
+    weights_format,
 )
 from dssn.registry import MODELS
 
@@ -24,6 +27,7 @@ __all__ = [
     "MODELS",
     "build_model",
     "check_model_config",
+    "check_pretrained",
     "DeepLabV3Plus",
     "DPT",
     "LoadReport",
@@ -50,6 +54,21 @@ def check_model_config(cfg: Config) -> None:
                           f"it takes {', '.join(sorted(choices))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
         raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
+
+
+def check_pretrained(cfg: Config) -> None:
+    """``ConfigError`` naming ``model.pretrained`` when it names no file, or a file that is not a
+    PyTorch or safetensors weights file (a text file, an image); cheap, for before the run folder."""
+    if cfg.model.pretrained is None:
+        return
+    path = Path(cfg.model.pretrained).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file '{path}' not found (set model.pretrained=null "
+                          "to train from scratch)")
+    try:
+        weights_format(path)
+    except WeightsError as err:
+        raise ConfigError(f"model.pretrained: {err}") from None
 
 
 def build_deeplabv3plus(cfg: Config) -> DeepLabV3Plus:
