@@ -27,7 +27,7 @@ from dssn.models import check_model_config, check_pretrained, load_state_dict_fi
 from dssn.models.weights import WeightsError
 
 EXAMPLES = int(os.environ.get("DSSN_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 60,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # Real keys (so that many examples get past the unknown-key check) and a few that are not.
