@@ -231,14 +231,22 @@ class DiagConfig(_Section):
     """Health warnings start after this fraction of the iterations (and after the warm-up)."""
     patience: int = Field(3, ge=1)
     """A health rule is reported once it has held at this many consecutive log steps."""
+    # Thresholds of the health rules (``dssn.method.diagnostics.health_warnings``, docs/diagnostics.md).
     max_align_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Alignment dominating: its weighted share of the total loss is above this."""
     min_align_share: float = Field(1e-4, ge=0.0, le=1.0)
+    """Alignment vanishing: it is switched on but its weighted share is below this."""
     max_random_similarity: float = Field(0.99, ge=-1.0, le=1.0)
+    """Collapse: random pixel pairs are this similar (every pixel gets the same output)."""
     min_selected: float = Field(0.02, ge=0.0, le=1.0)
+    """Selection starved: the teacher's selected fraction is below this after half of training;
+    also the level it must have reached before a drop counts as a collapse."""
     collapse_ratio: float = Field(0.25, ge=0.0)
+    """Selection collapsing: the selected fraction fell below this share of its highest value so far."""
     max_teacher_distance: float = Field(0.5, ge=0.0)
+    """Teacher diverging: relative teacher-student parameter distance above this."""
     max_teacher_gap: float = Field(10.0, ge=0.0)
-    """Thresholds of the health rules; see ``dssn.method.diagnostics.HealthRules`` and docs/diagnostics.md."""
+    """Teacher diverging: teacher mIoU this many points below the student's at an evaluation."""
 
 
 class Config(_Section):
