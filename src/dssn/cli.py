@@ -14,7 +14,7 @@ from pathlib import Path
 from dssn.config import load_config, method_config_class, preset_names
 from dssn.constants import NETWORK_CHOICES
 from dssn.errors import DssnError
-from dssn.registry import METHODS, MODELS
+from dssn.registry import DATASETS, METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
@@ -70,22 +70,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from dssn.data.prepare import prepare_ade20k, prepare_cityscapes, prepare_coco
+    from dssn.data.prepare import PrepareOptions
 
     root = Path(args.root).expanduser()
     if not root.is_dir():
         raise DssnError(f"dataset root '{root}' does not exist")
-    if args.dataset == "cityscapes":
-        print(f"cityscapes: {prepare_cityscapes(root, args.overwrite, progress=not args.quiet)}")
-    elif args.dataset == "coco":
-        out = args.out or "masks"
-        reports = prepare_coco(root, tuple(args.splits), out, args.overwrite, progress=not args.quiet)
-        for split, report in reports.items():
-            print(f"coco {split}: {report} in {root / out}")
-    else:
-        out = args.out or "annotations_mapped"
-        for split, report in prepare_ade20k(root, out, args.overwrite, progress=not args.quiet).items():
-            print(f"ade20k {split}: {report} in {root / out / split}")
+    options = PrepareOptions(args.out, tuple(args.splits), args.overwrite, progress=not args.quiet)
+    for line in DATASETS[args.dataset].prepare(root, options):
+        print(line)
     return 0
 
 
@@ -102,7 +94,7 @@ def _cmd_splits(args: argparse.Namespace) -> int:
 
     root = Path(args.root).expanduser()
     meta = None
-    if args.dataset == "folder":
+    if DATASETS[args.dataset].reads_meta:
         meta_path = Path(args.meta).expanduser() if args.meta else root / "dataset.yaml"
         meta = load_folder_meta(meta_path)
     labeled = parse_amount(args.labeled)
@@ -156,7 +148,8 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "training maps the official masks as it loads them (data.ade20k_masks=mapped "
                                    "reads mapped ones). Resumable: existing outputs are skipped, never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["cityscapes", "coco", "ade20k"], help="which dataset's annotations to convert")
+    p.add_argument("dataset", choices=[n for n in DATASETS if DATASETS[n].prepare is not None],
+                   help="which dataset's annotations to convert")
     p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/; ADE20K: "
                                 "ADEChallengeData2016, holds images/ and annotations/)")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist (default: skip them)")
@@ -176,7 +169,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "images with masks; validation images never enter the training splits. "
                                    "Images without a mask are always unlabeled. Existing split files are never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "ade20k", "folder"],
+    p.add_argument("dataset", choices=[n for n in DATASETS if DATASETS[n].splits_command],
                    help="the dataset's layout")
     p.add_argument("root", help="the dataset root")
     p.add_argument("--labeled", required=True, metavar="AMOUNT",

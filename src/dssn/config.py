@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator)
 
 from dssn.errors import DssnError
-from dssn.registry import METHODS, MODELS, UnknownNameError
+from dssn.registry import DATASETS, METHODS, MODELS, UnknownNameError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -65,7 +65,9 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic"] = "pascal"
+    dataset: str = "pascal"
+    """The dataset layout (``dssn.registry.DATASETS``, described in ``dssn.data.catalog``):
+    pascal, cityscapes, coco, ade20k, folder (your own, described by ``dataset.yaml``), synthetic."""
     root: str = "data/VOC2012"
     num_classes: int = Field(21, ge=1)
     class_names: list[str] | None = None
@@ -86,6 +88,11 @@ class DataConfig(_Section):
     """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
     ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
     ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return DATASETS.check(name)
 
 
 class MethodConfig(_Section):
