@@ -20,6 +20,18 @@ OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.0
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
 
 
+def _add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """A config (preset or YAML) and ``key=value`` overrides, as every config-taking verb reads them."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """Which network of a checkpoint, and the config a released .pth needs (predict, export)."""
+    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
+    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+
+
 def method_keys_help() -> str:
     """Each method's ``method.*`` keys under its name (a key of another method is refused)."""
     parts = []
@@ -190,8 +202,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "or 255. Prints the counts, the pixel frequency of each class (also drawn as "
                                    "a bar plot PNG) and every problem with its split file and line. Exit code 1 "
                                    "when problems are found. `dssn train` runs the --fast part itself.")
-    p.add_argument("config", help="preset name or path to a YAML config (as for train)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_config_arguments(p, "preset name or path to a YAML config (as for train)")
     p.add_argument("--fast", action="store_true",
                    help="only what train checks: files exist and lines parse, nothing is decoded")
     p.add_argument("--plot", default="check-data.png",
@@ -253,8 +264,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
                         "patterns (quote them: 'photos/*.jpg')")
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+    _add_network_arguments(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images are "
                                                              "batched together; default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -274,8 +284,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--format", required=True, choices=["onnx", "safetensors"], help="output format")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (e.g. model.onnx, model.safetensors)")
-    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+    _add_network_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="onnx: image size used for tracing (default data.crop_size); any size works afterwards")
@@ -396,8 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics after), batch or running (either for the whole run). Methods: "
                                    f"method.name={'|'.join(METHODS.names())}; networks: "
                                    f"model.name={'|'.join(MODELS.names())}. " + method_keys_help())
-    p.add_argument("config", help="preset name or path to a YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_config_arguments(p, "preset name or path to a YAML config")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a validation split",

@@ -266,6 +266,7 @@ class Trainer:
         self.monitor.note_precision(precision_name(parts.autocast_dtype), parts.precision_reason)
         self.step = 0
         self.best_miou = -1.0
+        """The best mIoU so far, in percent (as evaluations report it and checkpoints store it)."""
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteWatch()
         self.last_saved: int | None = None
@@ -294,7 +295,7 @@ class Trainer:
         for group, values in zip(self.optimizer.param_groups, hyper):
             group.update(values)
         self.step = int(state["step"])
-        self.best_miou = float(state["best_miou"]) / 100
+        self.best_miou = float(state["best_miou"])
         self.history = list(state.get("history", []))
         self.last_eval = dict(state.get("eval") or {})
         self.last_saved = self.step
@@ -380,11 +381,11 @@ class Trainer:
         if self.step == first_step:  # a resumed run that had already finished: report its last scores
             return self._result(self.last_eval, wall)
         summary = {name: r.summary(self.class_names) for name, r in final.items()}
-        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
+        self.monitor.finish(summary, self.best_miou, self.step, wall)
         return self._result(summary, wall)
 
     def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
-        return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
+        return TrainResult(self.run_dir, final, self.best_miou, self.step, wall, self.history,
                            self.dist.is_main)
 
     def _log_train(self, running: dict[str, torch.Tensor], n: int) -> None:
@@ -413,7 +414,7 @@ class Trainer:
         self.monitor.on_eval(self.step, epoch, summary, time.perf_counter() - eval_start)
         self.history.append({"step": self.step, "epoch": epoch, **{n: s["miou"] for n, s in summary.items()}})
         self.last_eval = summary
-        best_now = max(r.miou for r in results.values())
+        best_now = max(s["miou"] for s in summary.values())
         improved = best_now > self.best_miou
         if improved:
             self.best_miou = best_now
@@ -444,7 +445,7 @@ class Trainer:
             "format": FORMAT,
             "step": self.step,
             "epoch": epoch,
-            "best_miou": self.best_miou * 100,
+            "best_miou": self.best_miou,
             "models": {name: m.state_dict() for name, m in self.method.modules().items()},
             "optimizer": self.optimizer.state_dict(),
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
