@@ -155,3 +155,23 @@ def test_train_help_lists_each_methods_keys(capsys):
     assert "unimatch_v2: threshold, ema_momentum, ema_rule, tau_low, ratio;" in text
     assert "supervised: none." in text
     assert "dssn: tau_low, ratio, threshold, ema_momentum, ema_rule, selection, loss_image" in text
+
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("pascal", ["model.registers=4"], r"model\.registers: model\.name=deeplabv3plus does not read it; .*=dpt"),
+    ("pascal-dinov2", ["model.output_stride=8"], r"model\.output_stride: model\.name=dpt does not read it"),
+    ("pascal-dinov2", ["method.name=unimatch_v2", "model.feature_dropout=complementary"],
+     r"model\.feature_dropout: unimatch_v2 perturbs no feature streams; it is read with method\.name=dssn"),
+])
+def test_a_model_key_the_network_or_method_does_not_read_is_refused(preset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset, overrides)
+
+
+def test_switching_the_network_leaves_the_base_networks_keys_behind(tmp_path):
+    dinov2 = load_config("synthetic-dinov2")  # its base, synthetic, sets decoder_channels for DeepLabV3+
+    assert dinov2.model.name == "dpt" and "decoder_channels" not in dinov2.to_dict()["model"]
+    saved = dinov2.model_dump(mode="json")  # as earlier versions saved it: every model key
+    saved["model"]["decoder_channels"] = 32
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_diff(read_run_config(tmp_path), dinov2) == []

@@ -64,6 +64,30 @@ class ModelConfig(_Section):
         return MODELS.check(name)
 
 
+NETWORK_KEYS = {"deeplabv3plus": frozenset({"output_stride", "dilations", "decoder_channels", "backbone_width"}),
+                "dpt": frozenset({"registers", "feature_dropout"})}
+"""The ``model.*`` keys only one built-in network reads (the others every network reads); a key of
+another network is refused. ``lock_backbone`` is refused by ``dssn.models.check_model_config``."""
+
+FLAT_MODEL_KEYS = frozenset({"name", "backbone", "registers", "pretrained", "feature_dropout", "lock_backbone",
+                             "output_stride", "dilations", "decoder_channels", "backbone_width",
+                             "checkpoint_backbone"})
+"""The ``model`` section as earlier versions saved it: every key, whichever network read it."""
+
+
+def idle_model_keys(section: dict[str, Any]) -> dict[str, str]:
+    """``{key: why}`` for the keys of a ``model`` section its built-in network does not read."""
+    name = section.get("name", ModelConfig.model_fields["name"].default)
+    if not isinstance(name, str) or name not in NETWORK_KEYS:
+        return {}
+    out = {}
+    for key in section:
+        readers = [net for net, keys in NETWORK_KEYS.items() if key in keys]
+        if readers and name not in readers:
+            out[key] = f"model.name={name} does not read it; it is a setting of model.name={' or '.join(readers)}"
+    return out
+
+
 class DataConfig(_Section):
     dataset: str = "pascal"
     """The dataset layout (``dssn.registry.DATASETS``, described in ``dssn.data.catalog``):
@@ -146,6 +170,10 @@ def idle_method_keys(section: dict[str, Any]) -> dict[str, str]:
     idle = method_config_class(name).idle_keys(section)
     out.update({key: why for key, why in idle.items() if key in section})
     return out
+
+
+_SWITCHED = {"method": idle_method_keys, "model": idle_model_keys}
+"""Sections whose ``name`` decides which of their keys are read."""
 
 
 class TrainConfig(_Section):
@@ -277,12 +305,9 @@ class Config(_Section):
         return value
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as saved in run folders and checkpoints: without keys the method leaves
-        unread, so that the saved file loads as a config again."""
-        data = self.model_dump(mode="json")
-        idle = idle_method_keys(data["method"])
-        data["method"] = {k: v for k, v in data["method"].items() if k not in idle}
-        return data
+        """The config as saved in run folders and checkpoints: without keys the method or the
+        network leaves unread, so that the saved file loads as a config again."""
+        return _without_idle(_without_idle(self.model_dump(mode="json"), "method"), "model")
 
 
 def preset_names() -> list[str]:
@@ -344,26 +369,37 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_layers(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``; where ``top`` switches the method (or DSSN's selection), the keys
-    ``base`` wrote for the one it switched away from are dropped (``pascal-dinov2
+    """``top`` over ``base``; where ``top`` switches the method (or DSSN's selection) or the network,
+    the keys ``base`` wrote for the one it switched away from are dropped (``pascal-dinov2
     method.name=unimatch_v2`` leaves the preset's ``selection`` behind), while a key ``top``
-    itself writes for another method stays, to be refused."""
+    itself writes for another method or network stays, to be refused."""
     merged = deep_merge(base, top)
-    before, after, written = base.get("method"), merged.get("method"), top.get("method")
-    if isinstance(before, dict) and isinstance(after, dict) and isinstance(written, dict):
-        newly_idle = set(idle_method_keys(after)) - set(idle_method_keys(before)) - set(written)
-        merged["method"] = {k: v for k, v in after.items() if k not in newly_idle}
+    for section, idle_keys in _SWITCHED.items():
+        before, after, written = base.get(section), merged.get(section), top.get(section)
+        if isinstance(before, dict) and isinstance(after, dict) and isinstance(written, dict):
+            newly_idle = set(idle_keys(after)) - set(idle_keys(before)) - set(written)
+            merged[section] = {k: v for k, v in after.items() if k not in newly_idle}
     return merged
 
 
-def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
-    """A config saved before each method had its own section, in today's form: the shared
-    section's keys its method did not read are dropped (they changed nothing then either)."""
-    section = data.get("method")
-    if not (isinstance(section, dict) and set(section) == FLAT_METHOD_KEYS and section.get("name") in METHODS):
+def _without_idle(data: dict[str, Any], section: str) -> dict[str, Any]:
+    keys = data.get(section)
+    if not isinstance(keys, dict):
         return data
-    idle = idle_method_keys(section)
-    return {**data, "method": {k: v for k, v in section.items() if k not in idle}}
+    idle = _SWITCHED[section](keys)
+    return {**data, section: {k: v for k, v in keys.items() if k not in idle}}
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before each method had its own section (and each network its own keys), in
+    today's form: the keys its method or network did not read are dropped (they changed nothing
+    then either)."""
+    method, model = data.get("method"), data.get("model")
+    if isinstance(method, dict) and set(method) == FLAT_METHOD_KEYS and method.get("name") in METHODS:
+        data = _without_idle(data, "method")
+    if isinstance(model, dict) and FLAT_MODEL_KEYS <= set(model):
+        data = _without_idle(data, "model")
+    return data
 
 
 def _all_method_keys() -> list[str]:
@@ -391,7 +427,8 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], where: str, prefix
 
 
 def _check_method_section(data: dict[str, Any], where: str) -> None:
-    """Every ``method.*`` key is read by the chosen method, or the error says who reads it."""
+    """Every ``method.*`` and ``model.*`` key is read by the chosen method and network, or the
+    error says who reads it."""
     section = data.get("method", {})
     name = section.get("name", "dssn")
     try:
@@ -400,6 +437,15 @@ def _check_method_section(data: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: {err}") from None
     for key, why in idle_method_keys(section).items():
         raise ConfigError(f"{where}: method.{key}: {why}")
+    model = data.get("model", {})
+    for key, why in idle_model_keys(model).items():
+        raise ConfigError(f"{where}: model.{key}: {why}")
+    dropout = model.get("feature_dropout", ModelConfig.model_fields["feature_dropout"].default)
+    if dropout != ModelConfig.model_fields["feature_dropout"].default and not getattr(
+            METHODS[name], "perturbs_features", False):
+        perturbing = [m for m in METHODS if getattr(METHODS[m], "perturbs_features", False)]
+        raise ConfigError(f"{where}: model.feature_dropout: {name} perturbs no feature streams; it is read with "
+                          f"method.name={' or '.join(perturbing)}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class DSSNConfig(EMATeacherKeys, ThresholdKeys, CPLGKeys):
 class DSSN(Method):
     name = "dssn"
     config_class = DSSNConfig
+    perturbs_features = True
     cfg: DSSNConfig
 
     def __init__(self, student: nn.Module, cfg: DSSNConfig, train_cfg: TrainConfig,
