@@ -10,6 +10,7 @@ from dssn.cli import main
 from dssn.config import FLAT_METHOD_KEYS, ConfigError, build_config, load_config, method_config_class
 from dssn.engine.rundir import config_diff, read_run_config
 from dssn.method import METHODS, Batch
+from dssn.models import check_model_config
 from tests.test_methods import N_CLASSES, make_batch
 
 
@@ -175,3 +176,13 @@ def test_switching_the_network_leaves_the_base_networks_keys_behind(tmp_path):
     saved["model"]["decoder_channels"] = 32
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert config_diff(read_run_config(tmp_path), dinov2) == []
+
+
+def test_a_crop_the_vit_cannot_take_is_refused_with_the_resize_rule(tmp_path, capsys):
+    overrides = ["model.backbone=dinov2_tiny", "model.pretrained=null", "data.crop_size=13"]
+    cfg = load_config("synthetic-dinov2", overrides)
+    with pytest.raises(ConfigError, match=r"data\.crop_size=13 is smaller than the ViT's patch \(14 pixels\).*nearest"):
+        check_model_config(cfg)
+    check_model_config(load_config("synthetic-dinov2", [*overrides[:2], "data.crop_size=15"]))  # resized to 14
+    assert main(["train", "synthetic-dinov2", f"run_dir={tmp_path / 'run'}", *overrides]) == 2
+    assert "data.crop_size=13" in capsys.readouterr().err and not (tmp_path / "run").exists()

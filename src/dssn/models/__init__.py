@@ -13,6 +13,7 @@ from dssn.models.deeplabv3plus import DeepLabV3Plus
 from dssn.models.dpt import DPT, DPT_BACKBONES
 from dssn.models.resnet import BACKBONES as RESNETS
 from dssn.models.resnet import ResNet, build_backbone
+from dssn.models.vit import PATCH_SIZE
 from dssn.models.weights import (
     LoadReport,
     WeightsError,
@@ -54,6 +55,12 @@ def check_model_config(cfg: Config) -> None:
                           f"it takes {', '.join(sorted(choices))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
         raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
+    if m.name == "dpt":
+        for key, size in (("data.crop_size", cfg.data.crop_size), ("eval.crop_size", cfg.eval.crop_size)):
+            if size is not None and size < PATCH_SIZE:
+                raise ConfigError(f"{key}={size} is smaller than the ViT's patch ({PATCH_SIZE} pixels); the DPT "
+                                  f"network resizes sides that are not multiples of {PATCH_SIZE} to the nearest "
+                                  f"multiple, so give at least {PATCH_SIZE} (e.g. {PATCH_SIZE * 37} = 37 patches)")
 
 
 def check_pretrained(cfg: Config) -> None:
