@@ -4,6 +4,7 @@ with who reads it, and configs saved with the old shared section still load."""
 import pytest
 import torch
 import yaml
+from tests.test_methods import N_CLASSES, make_batch
 
 import dssn
 from dssn.cli import main
@@ -11,7 +12,6 @@ from dssn.config import FLAT_METHOD_KEYS, ConfigError, build_config, load_config
 from dssn.engine.rundir import config_diff, read_run_config
 from dssn.method import METHODS, Batch
 from dssn.models import check_model_config
-from tests.test_methods import N_CLASSES, make_batch
 
 
 class ReadRecorder:

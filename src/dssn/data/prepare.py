@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dssn.constants import IGNORE
-from dssn.data.classes import COCO_CATEGORY_IDS
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
+from dssn.data.classes import COCO_CATEGORY_IDS
 from dssn.data.datasets import DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
 from dssn.files import atomic_path

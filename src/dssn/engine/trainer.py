@@ -10,7 +10,6 @@ and ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -393,11 +392,7 @@ class Trainer:
         # The mean over micro-batches and ranks; one host sync (and one all-reduce when distributed).
         values = all_reduce_sum(torch.stack([running[k].float() for k in names])).div(n * self.dist.world_size)
         values = values.tolist()
-        scalars = dict(zip(names, values))
-        for name, value in scalars.items():
-            if not math.isfinite(value):
-                raise TrainingError(f"loss term '{name}' became {value} by step {self.step}; "
-                                    f"the last checkpoint in {self.run_dir} is intact. Try a lower train.lr.")
+        scalars = dict(zip(names, values))  # finite: NonFiniteWatch.check ran just before
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
         self.monitor.on_log(self.step, scalars)  # adds img_s, lr_head; logs the diagnostics
         self.logger.log_train(self.step, scalars)

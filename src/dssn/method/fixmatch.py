@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,7 +23,7 @@ class FixMatch(Method):
     name = "fixmatch"
     config_class = FixMatchConfig
     cfg: FixMatchConfig
-    LOSS_WEIGHTS = {"x": 0.5, "u": 0.5}
+    LOSS_WEIGHTS: ClassVar[dict[str, float]] = {"x": 0.5, "u": 0.5}
     """As UniMatch and DSSN compare against it: the labeled and the unlabeled loss count alike."""
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:

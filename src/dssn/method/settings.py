@@ -13,6 +13,7 @@ from pydantic import Field
 
 from dssn.config import MethodConfig
 
+
 class ThresholdKeys(MethodConfig):
     threshold: float = Field(0.95, ge=0.0, le=1.0)
     """Confidence threshold: a pixel's pseudo label is trained on when the top class probability

@@ -8,6 +8,8 @@ is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads whichever ru
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -46,7 +48,7 @@ class UniMatchV2(Method):
     name = "unimatch_v2"
     config_class = UniMatchV2Config
     cfg: UniMatchV2Config
-    LOSS_WEIGHTS = {"x": 0.5, "u": 0.5}
+    LOSS_WEIGHTS: ClassVar[dict[str, float]] = {"x": 0.5, "u": 0.5}
     """The release's: the labeled and the unlabeled loss count alike (not settings)."""
     uses_partner_batch = False
     """CutMix partners come from the same batch, so the engine loads no second unlabeled stream."""

@@ -116,7 +116,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             f"({reason}). Re-save it as a plain state dict from trusted code, "
             f"e.g. torch.save(obj['model'], 'plain.pth')."
         ) from None
-    except Exception as err:  # a damaged file fails anywhere in torch's readers (KeyError, zip errors, ...)
+    except Exception as err:  # noqa: BLE001 (a damaged file fails anywhere in torch's readers: KeyError, zip, ...)
         raise WeightsError(
             f"{path} could not be read as a PyTorch weights file ({type(err).__name__}: {err})"
         ) from None
