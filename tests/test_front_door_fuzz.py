@@ -9,6 +9,7 @@ Bounded for the suite (``DSSN_FUZZ_EXAMPLES`` per property, 60 by default); a lo
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 from dssn.config import Config, ConfigError, load_config
 from dssn.data.check import check_before_training
 from dssn.data.datasets import load_split
+from dssn.engine.checkpoint import read_torch_file
 from dssn.errors import DssnError
 from dssn.models import check_model_config, check_pretrained, load_state_dict_file
 from dssn.models.weights import WeightsError
@@ -180,3 +182,26 @@ def test_a_split_file_that_is_not_utf8_names_its_line(tmp_path):
     split.write_bytes(b"a.png b.png\nc\x80.png\n")
     with pytest.raises(DssnError, match=r"labeled\.txt.*2.*not UTF-8"):
         load_split(split)
+
+
+@FUZZ
+@given(WEIGHTS)
+def test_checkpoint_files_end_in_an_error_naming_the_file(tmp_path_factory, content):
+    """What ``dssn eval`` / ``predict`` / ``export`` and resuming read a checkpoint with."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    path = folder / "last.pt"
+    path.write_bytes(content)
+    try:
+        read_torch_file(path)
+    except DssnError as err:
+        assert_names_where(err, str(path))
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize("content", [b"t", b"q", b"\x80\x02"])
+def test_a_one_byte_checkpoint_is_named(tmp_path, content):
+    """Found by the checkpoint property: such files ended in IndexError from the unpickler."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(DssnError, match=re.escape(str(path))):
+        read_torch_file(path)
