@@ -434,7 +434,7 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], where: str, prefix
             _check_keys(value, annotation, where, prefix=f"{path}.")
 
 
-def _check_method_section(data: dict[str, Any], where: str) -> None:
+def _check_read_keys(data: dict[str, Any], where: str) -> None:
     """Every ``method.*`` and ``model.*`` key is read by the chosen method and network, or the
     error says who reads it."""
     section = data.get("method", {})
@@ -490,7 +490,7 @@ def _invalid(err: ValidationError, where: str, prefix: str = "") -> ConfigError:
 def build_config(data: dict[str, Any], where: str = "config") -> Config:
     data = upgrade_saved(data)
     _check_keys(data, Config, where)
-    _check_method_section(data, where)
+    _check_read_keys(data, where)
     section = data.get("method")
     try:
         if isinstance(section, dict):  # validated on its own, so that errors name method.<key>
