@@ -11,13 +11,34 @@ import json
 import sys
 from pathlib import Path
 
-from dssn.config import load_config, preset_names
+from dssn.config import load_config, method_config_class, preset_names
 from dssn.constants import NETWORK_CHOICES
 from dssn.errors import DssnError, TrainingPreempted
-from dssn.registry import METHODS, MODELS
+from dssn.registry import DATASETS, METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
+
+
+def _add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """A config (preset or YAML) and ``key=value`` overrides, as every config-taking verb reads them."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _add_network_arguments(p: argparse.ArgumentParser) -> None:
+    """Which network of a checkpoint, and the config a released .pth needs (predict, export)."""
+    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
+    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+
+
+def method_keys_help() -> str:
+    """Each method's ``method.*`` keys under its name (a key of another method is refused)."""
+    parts = []
+    for name in METHODS:
+        keys = [k for k in method_config_class(name).model_fields if k != "name"]
+        parts.append(f"{name}: {', '.join(keys) if keys else 'none'}")
+    return "Each method reads its own method.* keys; " + "; ".join(parts) + "."
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -81,22 +102,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from dssn.data.prepare import prepare_ade20k, prepare_cityscapes, prepare_coco
+    from dssn.data.prepare import PrepareOptions
 
     root = Path(args.root).expanduser()
     if not root.is_dir():
         raise DssnError(f"dataset root '{root}' does not exist")
-    if args.dataset == "cityscapes":
-        print(f"cityscapes: {prepare_cityscapes(root, args.overwrite, progress=not args.quiet)}")
-    elif args.dataset == "coco":
-        out = args.out or "masks"
-        reports = prepare_coco(root, tuple(args.splits), out, args.overwrite, progress=not args.quiet)
-        for split, report in reports.items():
-            print(f"coco {split}: {report} in {root / out}")
-    else:
-        out = args.out or "annotations_mapped"
-        for split, report in prepare_ade20k(root, out, args.overwrite, progress=not args.quiet).items():
-            print(f"ade20k {split}: {report} in {root / out / split}")
+    options = PrepareOptions(args.out, tuple(args.splits), args.overwrite, progress=not args.quiet)
+    for line in DATASETS[args.dataset].prepare(root, options):
+        print(line)
     return 0
 
 
@@ -113,7 +126,7 @@ def _cmd_splits(args: argparse.Namespace) -> int:
 
     root = Path(args.root).expanduser()
     meta = None
-    if args.dataset == "folder":
+    if DATASETS[args.dataset].reads_meta:
         meta_path = Path(args.meta).expanduser() if args.meta else root / "dataset.yaml"
         meta = load_folder_meta(meta_path)
     labeled = parse_amount(args.labeled)
@@ -167,7 +180,8 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "training maps the official masks as it loads them (data.ade20k_masks=mapped "
                                    "reads mapped ones). Resumable: existing outputs are skipped, never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["cityscapes", "coco", "ade20k"], help="which dataset's annotations to convert")
+    p.add_argument("dataset", choices=[n for n in DATASETS if DATASETS[n].prepare is not None],
+                   help="which dataset's annotations to convert")
     p.add_argument("root", help="the dataset root (Cityscapes: holds gtFine/; COCO: holds annotations/; ADE20K: "
                                 "ADEChallengeData2016, holds images/ and annotations/)")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist (default: skip them)")
@@ -187,7 +201,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "images with masks; validation images never enter the training splits. "
                                    "Images without a mask are always unlabeled. Existing split files are never "
                                    "overwritten unless --overwrite.")
-    p.add_argument("dataset", choices=["pascal", "cityscapes", "coco", "ade20k", "folder"],
+    p.add_argument("dataset", choices=[n for n in DATASETS if DATASETS[n].splits_command],
                    help="the dataset's layout")
     p.add_argument("root", help="the dataset root")
     p.add_argument("--labeled", required=True, metavar="AMOUNT",
@@ -208,8 +222,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                                    "or 255. Prints the counts, the pixel frequency of each class (also drawn as "
                                    "a bar plot PNG) and every problem with its split file and line. Exit code 1 "
                                    "when problems are found. `dssn train` runs the --fast part itself.")
-    p.add_argument("config", help="preset name or path to a YAML config (as for train)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_config_arguments(p, "preset name or path to a YAML config (as for train)")
     p.add_argument("--fast", action="store_true",
                    help="only what train checks: files exist and lines parse, nothing is decoded")
     p.add_argument("--plot", default="check-data.png",
@@ -271,8 +284,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
                         "patterns (quote them: 'photos/*.jpg')")
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+    _add_network_arguments(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images are "
                                                              "batched together; default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -292,8 +304,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--format", required=True, choices=["onnx", "safetensors"], help="output format")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (e.g. model.onnx, model.safetensors)")
-    p.add_argument("--config", help="preset or YAML saying what network a released .pth holds")
-    p.add_argument("--model", choices=list(NETWORK_CHOICES), default=NETWORK_CHOICES[0], help=_MODEL_HELP)
+    _add_network_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="onnx: image size used for tracing (default data.crop_size); any size works afterwards")
@@ -420,9 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the authors' script runs it: batch statistics in the first epoch, running "
                                    "statistics after), batch or running (either for the whole run). Methods: "
                                    f"method.name={'|'.join(METHODS.names())}; networks: "
-                                   f"model.name={'|'.join(MODELS.names())}.")
-    p.add_argument("config", help="preset name or path to a YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+                                   f"model.name={'|'.join(MODELS.names())}. " + method_keys_help())
+    _add_config_arguments(p, "preset name or path to a YAML config")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("plan", help="show how a config's global batch is split over N processes",
@@ -430,8 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(GPUs): per-process batch x processes x accumulation = the global batch, "
                                    "as 'dssn train' prints it at start; exit status 2 if one cannot be split. "
                                    "Trains nothing.")
-    p.add_argument("config", help="preset name or path to a YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_config_arguments(p, "preset name or path to a YAML config")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
                    help="numbers of processes to plan for (default 1 2 4 8)")
     p.add_argument("--unit", choices=["GPU", "process"], default="GPU", help="what to call a process")

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+)
 
 from dssn.errors import DssnError
-from dssn.registry import METHODS, MODELS
+from dssn.registry import DATASETS, METHODS, MODELS, UnknownNameError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -27,7 +36,7 @@ class ConfigError(DssnError, ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are caught earlier with suggestions; forbid here as a safety net.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -48,9 +57,9 @@ class ModelConfig(_Section):
     lock_backbone: bool = False
     """DPT: freeze the encoder (no gradients, no optimizer state): the head alone trains."""
     output_stride: Literal[8, 16] = 16
-    dilations: tuple[int, int, int] = (6, 12, 18)
-    decoder_channels: int = 256
-    backbone_width: int = 64
+    dilations: tuple[PositiveInt, PositiveInt, PositiveInt] = (6, 12, 18)
+    decoder_channels: PositiveInt = 256
+    backbone_width: PositiveInt = 64
     """Stem/layer1 width of the ResNet; 64 is the standard network (smaller for CPU demos)."""
     checkpoint_backbone: bool = False
     """Activation checkpointing: keep only each backbone stage's (ResNet) or block's (ViT) input
@@ -63,10 +72,36 @@ class ModelConfig(_Section):
         return MODELS.check(name)
 
 
+NETWORK_KEYS = {"deeplabv3plus": frozenset({"output_stride", "dilations", "decoder_channels", "backbone_width"}),
+                "dpt": frozenset({"registers", "feature_dropout"})}
+"""The ``model.*`` keys only one built-in network reads (the others every network reads); a key of
+another network is refused. ``lock_backbone`` is refused by ``dssn.models.check_model_config``."""
+
+FLAT_MODEL_KEYS = frozenset({"name", "backbone", "registers", "pretrained", "feature_dropout", "lock_backbone",
+                             "output_stride", "dilations", "decoder_channels", "backbone_width",
+                             "checkpoint_backbone"})
+"""The ``model`` section as earlier versions saved it: every key, whichever network read it."""
+
+
+def idle_model_keys(section: dict[str, Any]) -> dict[str, str]:
+    """``{key: why}`` for the keys of a ``model`` section its built-in network does not read."""
+    name = section.get("name", ModelConfig.model_fields["name"].default)
+    if not isinstance(name, str) or name not in NETWORK_KEYS:
+        return {}
+    out = {}
+    for key in section:
+        readers = [net for net, keys in NETWORK_KEYS.items() if key in keys]
+        if readers and name not in readers:
+            out[key] = f"model.name={name} does not read it; it is a setting of model.name={' or '.join(readers)}"
+    return out
+
+
 class DataConfig(_Section):
-    dataset: Literal["pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic"] = "pascal"
+    dataset: str = "pascal"
+    """The dataset layout (``dssn.registry.DATASETS``, described in ``dssn.data.catalog``):
+    pascal, cityscapes, coco, ade20k, folder (your own, described by ``dataset.yaml``), synthetic."""
     root: str = "data/VOC2012"
-    num_classes: int = 21
+    num_classes: int = Field(21, ge=1)
     class_names: list[str] | None = None
     meta: str | None = None
     """``folder`` datasets: their ``dataset.yaml`` (relative to ``root`` unless absolute; default
@@ -77,81 +112,106 @@ class DataConfig(_Section):
     val = the validation folders named in ``dataset.yaml``."""
     unlabeled_split: str | None = "splits/732/unlabeled.txt"
     val_split: str | None = "splits/val.txt"
-    crop_size: int = 513
+    crop_size: PositiveInt = 513
     strong_ops: bool = True
     """The extra random operations of the strong view (PASCAL/COCO, ``docs/method.md`` §6)."""
-    num_workers: int = 4
+    num_workers: int = Field(4, ge=0)
     ade20k_masks: Literal["raw", "mapped"] = "raw"
     """``ade20k`` only: ``raw``, the official annotations (0 other, 1..150 the classes), mapped to class
     ids as they load; ``mapped``, masks that already hold class ids 0..149 and 255 (written by
     ``dssn prepare ade20k``, or UniMatch V2's pre-processed annotations)."""
 
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return DATASETS.check(name)
+
 
 class MethodConfig(_Section):
+    """The ``method`` section: ``name`` picks the method, whose own subclass of this class (its
+    ``config_class`` in ``METHODS``, built from ``dssn.method.settings``) holds the keys it reads;
+    a key another method reads is refused with the names of the methods that read it."""
+
     name: str = "dssn"
     """The training method (``dssn.registry.METHODS``): dssn, fixmatch, unimatch_v2, supervised."""
-    selection: Literal["cplg", "threshold"] = "cplg"
-    tau_low: float = 0.92
-    ratio: float = 0.96
-    threshold: float = 0.95
-    """Confidence threshold for ``selection: threshold`` and for ``fixmatch`` and ``unimatch_v2``."""
-    loss_image: bool = True
-    """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
-    loss_feature: bool = True
-    """L_fp: the student's weak prediction supervises the perturbed feature streams."""
-    align_image: bool = True
-    align_feature: bool = True
-    lambda_c: float = 0.005
-    weight_x: float = 0.5
-    weight_u: float = 0.125
-    ema_momentum: float = 0.996
-    ema_rule: Literal["copy_first", "ramp"] = "copy_first"
-    """The EMA teacher's momentum at step s (docs/method.md §8): ``copy_first``: 0 at step 0 (the
-    teacher becomes a copy), then ``ema_momentum``; ``ramp``: ``min(1 - 1/(s+1), ema_momentum)``,
-    as UniMatch V2 releases it."""
-    teacher_bn: Literal["released", "batch", "running"] = "released"
-    """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
-    during the first epoch and by the running statistics from the second epoch on (what the
-    authors' script does: its teacher starts in training mode and its end-of-epoch evaluation
-    leaves it in eval mode); ``batch`` and ``running`` use one of the two for the whole run."""
-    warmup_steps: int = 1
-    warmup_epochs: float = 0.0
-    """L_s is left out until both warm-ups have passed."""
 
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
         return METHODS.check(name)
 
+    @classmethod
+    def idle_keys(cls, section: dict[str, Any]) -> dict[str, str]:
+        """Keys of this method that ``section``'s other values leave unread, each with why
+        (DSSN's ``threshold`` under CPLG selection); they are refused like another method's keys."""
+        return {}
+
+
+FLAT_METHOD_KEYS = frozenset({
+    "name", "selection", "tau_low", "ratio", "threshold", "loss_image", "loss_feature", "align_image",
+    "align_feature", "lambda_c", "weight_x", "weight_u", "ema_momentum", "ema_rule", "teacher_bn",
+    "warmup_steps", "warmup_epochs"})
+"""The one ``method`` section every method shared before each had its own: configs saved in run
+folders and checkpoints by those versions hold exactly these keys (``upgrade_saved``)."""
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The ``method`` section class of the method ``name`` (``UnknownNameError`` if none)."""
+    return METHODS[name].config_class
+
+
+def _owners(key: str) -> list[str]:
+    return [name for name in METHODS if key in method_config_class(name).model_fields]
+
+
+def idle_method_keys(section: dict[str, Any]) -> dict[str, str]:
+    """``{key: why}`` for the keys of a ``method`` section its method does not read."""
+    name = section.get("name", MethodConfig.model_fields["name"].default)
+    if not isinstance(name, str) or name not in METHODS:
+        return {}
+    fields = method_config_class(name).model_fields
+    out = {}
+    for key in section:
+        owners = _owners(key)
+        if key not in fields and owners:
+            out[key] = f"{name} does not read it; it is a setting of {', '.join(owners)} (method.name={owners[0]})"
+    idle = method_config_class(name).idle_keys(section)
+    out.update({key: why for key, why in idle.items() if key in section})
+    return out
+
+
+_SWITCHED = {"method": idle_method_keys, "model": idle_model_keys}
+"""Sections whose ``name`` decides which of their keys are read."""
+
 
 class TrainConfig(_Section):
-    epochs: int = 100
-    iters: int | None = None
+    epochs: PositiveInt = 100
+    iters: PositiveInt | None = None
     """Total iterations; overrides ``epochs`` when set."""
-    batch_size: int | None = Field(None, ge=1)
+    batch_size: PositiveInt | None = None
     """Labeled images per process per micro-batch, set by hand (the global batch is then this x
     processes x ``accumulate``, and ``lr_scaling`` applies). None: derived from ``global_batch``."""
-    batch_size_unlabeled: int | None = Field(None, ge=1)
-    lr: float = 0.002
-    lr_multi: float = 10.0
+    batch_size_unlabeled: PositiveInt | None = None
+    lr: PositiveFloat = 0.002
+    lr_multi: PositiveFloat = 10.0
     """The head's learning rate is ``lr * lr_multi``; the backbone's is ``lr``."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0.0, le=1.0)
     """SGD's momentum."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """AdamW's betas."""
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0.0)
+    poly_power: float = Field(0.9, ge=0.0)
     labeled_loss: Literal["ce", "ohem"] = "ce"
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    ohem_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    ohem_min_kept: int = Field(100_000, ge=0)
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None
+    threads: PositiveInt | None = None
     """CPU threads for torch (None: torch's default)."""
-    eval_every: int = 1
+    eval_every: PositiveInt = 1
     """Evaluate every N epochs (and always at the end)."""
-    log_every: int = 20
+    log_every: PositiveInt = 20
     progress: bool = True
     report: bool = True
     """Write ``report.html`` into the run folder when training ends (``dssn report RUN`` redoes it)."""
@@ -205,10 +265,10 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     mode: Literal["whole", "center_crop", "sliding"] = "whole"
-    crop_size: int | None = None
+    crop_size: PositiveInt | None = None
     """Window / crop size; defaults to ``data.crop_size``."""
-    stride_ratio: float = 2 / 3
-    batch_size: int = 1
+    stride_ratio: float = Field(2 / 3, gt=0.0, le=1.0)
+    batch_size: PositiveInt = 1
     scales: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)
     """Test-time scales: the image is resized by each and the softmax probabilities are averaged
     at the original size (e.g. [0.75, 1.0, 1.25]); [1.0] is plain single-scale inference."""
@@ -221,22 +281,30 @@ class DiagConfig(_Section):
 
     enabled: bool = True
     """Compute the statistics at log steps (``train.log_every``); other steps are unaffected."""
-    panels: int = 4
+    panels: int = Field(4, ge=0)
     """Validation and unlabeled images drawn at each evaluation (TensorBoard, report); 0 for none."""
-    fixed_threshold: float = 0.95
+    fixed_threshold: float = Field(0.95, ge=0.0, le=1.0)
     """The fixed confidence threshold CPLG's per-class selection is compared with."""
-    grace: float = 0.05
+    grace: float = Field(0.05, ge=0.0, le=1.0)
     """Health warnings start after this fraction of the iterations (and after the warm-up)."""
     patience: int = Field(3, ge=1)
     """A health rule is reported once it has held at this many consecutive log steps."""
-    max_align_share: float = 0.5
-    min_align_share: float = 1e-4
-    max_random_similarity: float = 0.99
-    min_selected: float = 0.02
-    collapse_ratio: float = 0.25
-    max_teacher_distance: float = 0.5
-    max_teacher_gap: float = 10.0
-    """Thresholds of the health rules; see ``dssn.method.diagnostics.HealthRules`` and docs/diagnostics.md."""
+    # Thresholds of the health rules (``dssn.method.diagnostics.health_warnings``, docs/diagnostics.md).
+    max_align_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Alignment dominating: its weighted share of the total loss is above this."""
+    min_align_share: float = Field(1e-4, ge=0.0, le=1.0)
+    """Alignment vanishing: it is switched on but its weighted share is below this."""
+    max_random_similarity: float = Field(0.99, ge=-1.0, le=1.0)
+    """Collapse: random pixel pairs are this similar (every pixel gets the same output)."""
+    min_selected: float = Field(0.02, ge=0.0, le=1.0)
+    """Selection starved: the teacher's selected fraction is below this after half of training;
+    also the level it must have reached before a drop counts as a collapse."""
+    collapse_ratio: float = Field(0.25, ge=0.0)
+    """Selection collapsing: the selected fraction fell below this share of its highest value so far."""
+    max_teacher_distance: float = Field(0.5, ge=0.0)
+    """Teacher diverging: relative teacher-student parameter distance above this."""
+    max_teacher_gap: float = Field(10.0, ge=0.0)
+    """Teacher diverging: teacher mIoU this many points below the student's at an evaluation."""
 
 
 class Config(_Section):
@@ -245,13 +313,24 @@ class Config(_Section):
     """Output folder; default ``runs/<name>-<method>-<time>``."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig()
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: method_config_class("dssn")())
+    """The chosen method's own section (``method_config_class``)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     diag: DiagConfig = DiagConfig()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _own_section(cls, value: Any) -> Any:
+        # A mapping becomes the section class of the method it names (build_config reports errors first).
+        if isinstance(value, dict):
+            return method_config_class(value.get("name", "dssn")).model_validate(value)
+        return value
+
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as saved in run folders and checkpoints: without keys the method or the
+        network leaves unread, so that the saved file loads as a config again."""
+        return _without_idle(_without_idle(self.model_dump(mode="json"), "method"), "model")
 
 
 def preset_names() -> list[str]:
@@ -291,12 +370,15 @@ def _load_layered(source: str, seen: tuple[Path, ...] = ()) -> tuple[dict[str, A
     path = _resolve_source(source).resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    data = _read_yaml(path)
+    data = upgrade_saved(_read_yaml(path))
     base = data.pop("base", None)
     if base is None:
         return data, str(path)
-    base_data, _ = _load_layered(str(base), seen + (path,))
-    return deep_merge(base_data, data), str(path)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' names a preset or YAML file, got {type(base).__name__} {base!r}")
+    base_data, _ = _load_layered(base, seen + (path,))
+    _check_keys(base_data, Config, str(path))
+    return merge_layers(base_data, data), str(path)
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -309,21 +391,84 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_layers(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; where ``top`` switches the method (or DSSN's selection) or the network,
+    the keys ``base`` wrote for the one it switched away from are dropped (``pascal-dinov2
+    method.name=unimatch_v2`` leaves the preset's ``selection`` behind), while a key ``top``
+    itself writes for another method or network stays, to be refused."""
+    merged = deep_merge(base, top)
+    for section, idle_keys in _SWITCHED.items():
+        before, after, written = base.get(section), merged.get(section), top.get(section)
+        if isinstance(before, dict) and isinstance(after, dict) and isinstance(written, dict):
+            newly_idle = set(idle_keys(after)) - set(idle_keys(before)) - set(written)
+            merged[section] = {k: v for k, v in after.items() if k not in newly_idle}
+    return merged
+
+
+def _without_idle(data: dict[str, Any], section: str) -> dict[str, Any]:
+    keys = data.get(section)
+    if not isinstance(keys, dict):
+        return data
+    idle = _SWITCHED[section](keys)
+    return {**data, section: {k: v for k, v in keys.items() if k not in idle}}
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before each method had its own section (and each network its own keys), in
+    today's form: the keys its method or network did not read are dropped (they changed nothing
+    then either)."""
+    method, model = data.get("method"), data.get("model")
+    if isinstance(method, dict) and set(method) == FLAT_METHOD_KEYS and method.get("name") in METHODS:
+        data = _without_idle(data, "method")
+    if isinstance(model, dict) and FLAT_MODEL_KEYS <= set(model):
+        data = _without_idle(data, "model")
+    return data
+
+
+def _all_method_keys() -> list[str]:
+    return list(dict.fromkeys(key for name in METHODS for key in method_config_class(name).model_fields))
+
+
 def _check_keys(data: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
     """Reject unknown keys, naming the closest valid ones (pydantic alone does not suggest)."""
     for key, value in data.items():
         path = f"{prefix}{key}"
-        fields = model.model_fields
-        if key not in fields:
+        is_method = model is MethodConfig
+        fields = _all_method_keys() if is_method else model.model_fields
+        if not isinstance(key, str) or key not in fields:
             valid = [f"{prefix}{name}" for name in fields]
-            close = difflib.get_close_matches(path, valid, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(str(path), valid, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"{where}: unknown key '{path}'{hint} Valid keys here: {', '.join(valid)}")
-        annotation = fields[key].annotation
+        annotation = None if is_method else fields[key].annotation
+        if key == "method" and model is Config:
+            annotation = MethodConfig
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{path}' is a section; give its keys, e.g. {path}.<key>=...")
             _check_keys(value, annotation, where, prefix=f"{path}.")
+
+
+def _check_read_keys(data: dict[str, Any], where: str) -> None:
+    """Every ``method.*`` and ``model.*`` key is read by the chosen method and network, or the
+    error says who reads it."""
+    section = data.get("method", {})
+    name = section.get("name", "dssn")
+    try:
+        METHODS.check(name if isinstance(name, str) else repr(name))
+    except UnknownNameError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    for key, why in idle_method_keys(section).items():
+        raise ConfigError(f"{where}: method.{key}: {why}")
+    model = data.get("model", {})
+    for key, why in idle_model_keys(model).items():
+        raise ConfigError(f"{where}: model.{key}: {why}")
+    dropout = model.get("feature_dropout", ModelConfig.model_fields["feature_dropout"].default)
+    if dropout != ModelConfig.model_fields["feature_dropout"].default and not getattr(
+            METHODS[name], "perturbs_features", False):
+        perturbing = [m for m in METHODS if getattr(METHODS[m], "perturbs_features", False)]
+        raise ConfigError(f"{where}: model.feature_dropout: {name} perturbs no feature streams; it is read with "
+                          f"method.name={' or '.join(perturbing)}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -331,7 +476,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=0.01)")
         try:
             value = yaml.safe_load(raw) if raw else None
@@ -339,22 +484,38 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = raw
         node = out
         parts = key.strip().split(".")
+        if any(not part for part in parts):
+            raise ConfigError(f"override '{item}': '{key}' has an empty part; keys are dotted names like train.lr")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override '{item}' conflicts with an earlier override inside '{key}'")
         node[parts[-1]] = value
     return out
 
 
+def _invalid(err: ValidationError, where: str, prefix: str = "") -> ConfigError:
+    first = err.errors()[0]
+    key = prefix + ".".join(str(p) for p in first["loc"])
+    return ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})")
+
+
 def build_config(data: dict[str, Any], where: str = "config") -> Config:
+    data = upgrade_saved(data)
     _check_keys(data, Config, where)
+    _check_read_keys(data, where)
+    section = data.get("method")
+    try:
+        if isinstance(section, dict):  # validated on its own, so that errors name method.<key>
+            data = {**data, "method": method_config_class(section.get("name", "dssn")).model_validate(section)}
+    except ValidationError as err:
+        raise _invalid(err, where, "method.") from None
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})") from None
+        raise _invalid(err, where) from None
 
 
 def load_config(source: str, overrides: list[str] | None = None) -> Config:
@@ -364,6 +525,6 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
     if overrides:
         extra = parse_overrides(overrides)
         _check_keys(extra, Config, "command line")
-        data = deep_merge(data, extra)
+        data = merge_layers(data, extra)
         where = f"{where} + command line"
     return build_config(data, where)

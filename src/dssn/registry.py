@@ -1,4 +1,4 @@
-"""Name tables: ``model.name`` and ``method.name`` -> what builds it.
+"""Name tables: ``model.name``, ``method.name`` and ``data.dataset`` -> what builds or describes it.
 
 ``dssn.models`` and ``dssn.method`` fill them as they are imported (which importing
 ``dssn`` does), so the config, the command line and the builders read one list.
@@ -32,6 +32,10 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> T:
+        """Take an entry out again (a test that registers its own)."""
+        return self._entries.pop(self.check(name))
+
     def names(self) -> list[str]:
         return list(self._entries)
 
@@ -55,3 +59,5 @@ class Registry(Generic[T]):
 
 MODELS: Registry = Registry("model.name")
 METHODS: Registry = Registry("method.name")
+DATASETS: Registry = Registry("data.dataset")
+"""Dataset layouts (``dssn.data.catalog.DatasetSpec``), filled by ``dssn.data``."""

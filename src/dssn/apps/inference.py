@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from dssn.config import Config, build_config, deep_merge, load_config, parse_overrides
+from dssn.config import Config, build_config, load_config, merge_layers, parse_overrides, upgrade_saved
 from dssn.constants import NETWORK_CHOICES
 from dssn.data import class_names_for, palette_for
 from dssn.engine.checkpoint import is_dssn_checkpoint, read_torch_file
@@ -132,7 +132,7 @@ def _config(source: str, embedded: dict[str, Any] | None, config: str | None,
     if config is not None:
         cfg = load_config(config, overrides)
     elif embedded is not None:
-        cfg = build_config(deep_merge(embedded, parse_overrides(overrides or [])), f"{source} config")
+        cfg = build_config(merge_layers(upgrade_saved(embedded), parse_overrides(overrides or [])), f"{source} config")
     else:
         raise InferenceError(f"'{source}' carries no config; say what network it holds with {_CONFIG_HINTS[hint]}")
     # ImageNet weights only matter for training: the file being loaded replaces them.

@@ -5,51 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from dssn.config import Config
-from dssn.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, Ade20kDecoder
+from dssn.data.catalog import DatasetSpec, dataset_spec
+from dssn.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from dssn.data.datasets import DataError, MaskDecoder, SegmentationDataset, Split, load_split, read_split
 from dssn.data.layouts import FolderMeta, Pool, load_folder_meta, pairs_to_split, scan_pool
-from dssn.data.synthetic import CLASS_NAMES, resolve_synthetic, voc_palette
+from dssn.data.synthetic import voc_palette
 
 __all__ = ["SegmentationDataset", "read_split", "build_train_datasets", "build_val_dataset",
            "class_names_for", "palette_for", "decoder_for", "data_root", "folder_meta", "split_sources", "DataError",
-           "COCO_CLASSES", "COCO_CATEGORY_IDS"]
-
-PASCAL_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)
-# COCO: background + the 80 "thing" categories. Category ids in increasing order map to
-# class ids 1..80 (the mapping UniMatch and DSSN used); ids 12, 26, 29, 30, 45, 66, 68,
-# 69, 71 and 83 are unused in the official annotations.
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
-    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-)
-COCO_CLASSES = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)
-
+           "COCO_CLASSES", "COCO_CATEGORY_IDS", "DatasetSpec", "dataset_spec"]
 
 def folder_meta(cfg: Config) -> FolderMeta | None:
     """The ``dataset.yaml`` of a ``folder`` dataset (``data.meta``, default ``ROOT/dataset.yaml``)."""
-    if cfg.data.dataset != "folder":
+    if not dataset_spec(cfg.data.dataset).reads_meta:
         return None
     root = Path(cfg.data.root).expanduser()
     path = Path(cfg.data.meta or "dataset.yaml").expanduser()
@@ -59,20 +27,13 @@ def folder_meta(cfg: Config) -> FolderMeta | None:
 def class_names_for(cfg: Config) -> list[str]:
     d = cfg.data
     meta = folder_meta(cfg)
+    spec = dataset_spec(d.dataset)
     if d.class_names is not None:
         names, where = list(d.class_names), "data.class_names"
     elif meta is not None:
         names, where = list(meta.classes), f"{meta.path} ('classes')"
-    elif d.dataset == "pascal":
-        names, where = list(PASCAL_CLASSES), "the pascal class list"
-    elif d.dataset == "cityscapes":
-        names, where = list(CITYSCAPES_CLASSES), "the cityscapes class list"
-    elif d.dataset == "coco":
-        names, where = list(COCO_CLASSES), "the coco class list"
-    elif d.dataset == "ade20k":
-        names, where = list(ADE20K_CLASSES), "the ade20k class list"
-    elif d.dataset == "synthetic":
-        names, where = list(CLASS_NAMES), "the synthetic class list"
+    elif spec.classes is not None:
+        names, where = list(spec.classes), f"the {d.dataset} class list"
     else:
         names, where = [f"class_{i}" for i in range(d.num_classes)], ""
     if len(names) != d.num_classes:
@@ -84,14 +45,9 @@ def class_names_for(cfg: Config) -> list[str]:
 def palette_for(cfg: Config) -> list[int]:
     """Flat RGB palette (256 entries) used for masks and overlays."""
     meta = folder_meta(cfg)
-    if meta is not None and meta.palette:
-        flat = [c for rgb in meta.palette for c in rgb]
-        return flat + voc_palette(256)[len(flat):]
-    if cfg.data.dataset in ("cityscapes", "ade20k"):
-        colours = CITYSCAPES_PALETTE if cfg.data.dataset == "cityscapes" else ADE20K_PALETTE
-        flat = [c for rgb in colours for c in rgb]
-        return flat + voc_palette(256)[len(flat):]
-    return voc_palette(256)
+    colours = meta.palette if meta is not None else dataset_spec(cfg.data.dataset).palette
+    flat = [c for rgb in colours or () for c in rgb]
+    return flat + voc_palette(256)[len(flat):]
 
 
 def decoder_for(cfg: Config) -> MaskDecoder:
@@ -100,10 +56,12 @@ def decoder_for(cfg: Config) -> MaskDecoder:
     if meta is not None:
         class_names_for(cfg)  # num_classes must agree with dataset.yaml
         return meta.decoder()
-    if cfg.data.dataset == "ade20k":
-        class_names_for(cfg)  # num_classes must be ADE20K's 150
-        if cfg.data.ade20k_masks == "raw":
-            return Ade20kDecoder()
+    spec = dataset_spec(cfg.data.dataset)
+    if spec.decoder is not None:
+        class_names_for(cfg)  # num_classes must be the dataset's (ADE20K: 150)
+        decoder = spec.decoder(cfg.data)
+        if decoder is not None:
+            return decoder
     return MaskDecoder(cfg.data.num_classes, hint=f"; data.num_classes is {cfg.data.num_classes}")
 
 
@@ -111,8 +69,9 @@ def data_root(cfg: Config) -> Path:
     """``data.root``, checked to exist. For the built-in dataset, the dataset folder it
     names: itself if it holds one, else the default one cached under it (generated if absent)."""
     root = Path(cfg.data.root).expanduser()
-    if cfg.data.dataset == "synthetic":
-        root = resolve_synthetic(root)
+    resolve = dataset_spec(cfg.data.dataset).resolve_root
+    if resolve is not None:
+        root = resolve(root)
     if not root.is_dir():
         raise DataError(f"data root '{root.resolve()}' does not exist (data.root). Download the dataset there "
                         f"or point data.root=PATH at it; see the README section for '{cfg.data.dataset}'.")
@@ -148,11 +107,11 @@ def split_sources(cfg: Config, root: Path) -> dict[str, Path | Split | None]:
         if value is not None:
             path = Path(value).expanduser()
             out[role] = path if path.is_absolute() else root / path
-        elif cfg.data.dataset == "folder":
+        elif dataset_spec(cfg.data.dataset).reads_meta:
             if listing is None:
                 meta = folder_meta(cfg)
                 assert meta is not None
-                listing = meta, scan_pool("folder", root, meta)
+                listing = meta, scan_pool(cfg.data.dataset, root, meta)
             out[role] = _listed(*listing, root, role)
         elif role == "unlabeled":
             out[role] = None

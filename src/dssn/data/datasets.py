@@ -109,8 +109,14 @@ def parse_split(path: str | Path) -> tuple[Split, list[Problem]]:
         raise FileNotFoundError(f"split file not found: {path}")
     entries: list[SplitEntry] = []
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(Problem(str(path), line_no, f"not UTF-8 text ({err.reason} at byte {err.start}); "
+                                                            "split files list paths as UTF-8 text"))
+                continue
             fields = line.split()
             if not fields:
                 continue

@@ -31,9 +31,9 @@ import yaml
 
 from dssn.constants import IGNORE
 from dssn.data.datasets import RGB, DataError, MaskDecoder, Split, SplitEntry
+from dssn.registry import DATASETS, UnknownNameError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-KINDS = ("pascal", "cityscapes", "coco", "ade20k", "folder", "synthetic")
 META_KEYS = ("classes", "palette", "ignore_color", "values", "images", "masks", "val_images", "val_masks")
 
 Pair = tuple[str, str | None]
@@ -165,7 +165,7 @@ def match_by_stem(root: Path, images: Path, masks: Path | None) -> list[Pair]:
     return pairs
 
 
-def _voc_pool(root: Path) -> Pool:
+def voc_pool(root: Path, meta: FolderMeta | None = None) -> Pool:
     pairs = [(f"JPEGImages/{p.stem}.jpg", f"SegmentationClass/{p.stem}.png"
               if (root / "SegmentationClass" / f"{p.stem}.png").is_file() else None)
              for p in sorted((root / "JPEGImages").glob("*.jpg"))]
@@ -189,7 +189,7 @@ def _cityscapes_pairs(root: Path, split: str) -> list[Pair]:
     return pairs
 
 
-def _cityscapes_pool(root: Path) -> Pool:
+def cityscapes_pool(root: Path, meta: FolderMeta | None = None) -> Pool:
     train = _cityscapes_pairs(root, "train")
     if not train:
         raise DataError(f"no leftImg8bit/train/<city>/*_leftImg8bit.png under {root}: is this a Cityscapes folder?")
@@ -201,7 +201,7 @@ def _coco_pairs(root: Path, split: str) -> list[Pair]:
             for p in sorted((root / split).glob("*.jpg"))]
 
 
-def _coco_pool(root: Path) -> Pool:
+def coco_pool(root: Path, meta: FolderMeta | None = None) -> Pool:
     train = _coco_pairs(root, "train2017")
     if not train:
         raise DataError(f"no train2017/*.jpg under {root}: is this a COCO folder?")
@@ -214,14 +214,16 @@ def _ade20k_pairs(root: Path, split: str) -> list[Pair]:
              else None) for p in sorted((root / "images" / split).glob("*.jpg"))]
 
 
-def _ade20k_pool(root: Path) -> Pool:
+def ade20k_pool(root: Path, meta: FolderMeta | None = None) -> Pool:
     train = _ade20k_pairs(root, "training")
     if not train:
         raise DataError(f"no images/training/*.jpg under {root}: is this the ADEChallengeData2016 folder?")
     return Pool(train, [p for p in _ade20k_pairs(root, "validation") if p[1]], f"{root}/images/validation")
 
 
-def _folder_pool(root: Path, meta: FolderMeta) -> Pool:
+def folder_pool(root: Path, meta: FolderMeta | None = None) -> Pool:
+    if meta is None:
+        raise ValueError("the folder layout needs its dataset.yaml (meta)")
     train = match_by_stem(root, root / meta.images, root / meta.masks)
     if meta.val_images is None or meta.val_masks is None:
         return Pool(train)
@@ -234,22 +236,14 @@ def _folder_pool(root: Path, meta: FolderMeta) -> Pool:
 
 
 def scan_pool(kind: str, root: Path, meta: FolderMeta | None = None) -> Pool:
-    """List what a dataset folder of the given kind holds (see the module docstring)."""
+    """List what a dataset folder of the given kind holds (its spec's ``scan``, ``dssn.data.catalog``)."""
     if not root.is_dir():
         raise DataError(f"data root '{root}' does not exist")
-    if kind in ("pascal", "synthetic"):
-        return _voc_pool(root)
-    if kind == "cityscapes":
-        return _cityscapes_pool(root)
-    if kind == "coco":
-        return _coco_pool(root)
-    if kind == "ade20k":
-        return _ade20k_pool(root)
-    if kind == "folder":
-        if meta is None:
-            raise ValueError("the folder kind needs its dataset.yaml (meta)")
-        return _folder_pool(root, meta)
-    raise DataError(f"unknown dataset kind '{kind}'; one of {', '.join(KINDS)}")
+    try:
+        spec = DATASETS[kind]
+    except UnknownNameError as err:
+        raise DataError(str(err)) from None
+    return spec.scan(root, meta)
 
 
 def pairs_to_split(pairs: list[Pair], source: str) -> Split:

@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dssn.constants import IGNORE
-from dssn.data import COCO_CATEGORY_IDS
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
+from dssn.data.classes import COCO_CATEGORY_IDS
 from dssn.data.datasets import DataError, MaskError, open_image
 from dssn.data.synthetic import voc_palette
 from dssn.files import atomic_path
@@ -206,3 +206,31 @@ def prepare_ade20k(root: Path, out: str = "annotations_mapped", overwrite: bool 
         jobs = ((root / out / split / src.name, convert(src)) for src in files)
         reports[split] = _write_all(jobs, len(files), overwrite, f"ade20k {split}", progress, palette)
     return reports
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What ``dssn prepare`` was told, for every dataset's prepare step."""
+
+    out: str | None = None
+    """Output folder under the root (None: the dataset's default)."""
+    splits: tuple[str, ...] = ("train2017", "val2017")
+    """COCO: the annotation splits to convert."""
+    overwrite: bool = False
+    progress: bool = True
+
+
+def cityscapes_step(root: Path, options: PrepareOptions) -> list[str]:
+    return [f"cityscapes: {prepare_cityscapes(root, options.overwrite, options.progress)}"]
+
+
+def coco_step(root: Path, options: PrepareOptions) -> list[str]:
+    out = options.out or "masks"
+    reports = prepare_coco(root, options.splits, out, options.overwrite, options.progress)
+    return [f"coco {split}: {report} in {root / out}" for split, report in reports.items()]
+
+
+def ade20k_step(root: Path, options: PrepareOptions) -> list[str]:
+    out = options.out or "annotations_mapped"
+    reports = prepare_ade20k(root, out, options.overwrite, options.progress)
+    return [f"ade20k {split}: {report} in {root / out / split}" for split, report in reports.items()]

@@ -34,6 +34,7 @@ import torch
 
 from dssn.errors import DssnError
 from dssn.files import atomic_path
+from dssn.models.weights import WeightsError, weights_format
 
 FORMAT = "dssn-checkpoint-2"
 """The checkpoint layout; it holds the RNG states and the run history an exact resume needs."""
@@ -124,6 +125,12 @@ def read_torch_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    not_torch = (f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle that torch.load "
+                 "can read)")
+    try:
+        weights_format(path)  # by its first bytes: no parser sees a text file or an image
+    except WeightsError:
+        raise CheckpointError(not_torch) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -135,10 +142,9 @@ def read_torch_file(path: str | Path) -> Any:
             f"{path} contains pickled Python objects, which could run arbitrary code when loaded, so it "
             f"is refused ({reason}). If you trust it, re-save its tensors as a plain state dict, e.g. "
             f"torch.save(obj['model'], 'plain.pth')") from None
-    except KeyError:  # the unpickler meeting bytes that are no pickle opcode (a text file, say)
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle "
-                              "that torch.load can read)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except KeyError:  # the unpickler meeting bytes that are no pickle opcode
+        raise CheckpointError(not_torch) from None
+    except Exception as err:  # noqa: BLE001 (a damaged file fails anywhere in torch's readers: IndexError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated or damaged?): {first}") from None
 

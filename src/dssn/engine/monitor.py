@@ -31,7 +31,7 @@ from dssn.engine.evaluate import center_crop, predict_tta
 from dssn.engine.panels import Panels
 from dssn.engine.rundir import METRICS_NAME, PANELS_NAME, RESULT_NAME, RUN_INFO_NAME, read_metrics, write_json
 from dssn.method.base import Batch, Method
-from dssn.method.diagnostics import HealthRules, HealthWarning, health_warnings, loss_shares
+from dssn.method.diagnostics import HealthWarning, health_warnings, loss_shares
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -55,7 +55,7 @@ class TrainingMonitor:
         self.val_dataset = val_dataset
         self.device = device
         d, t = cfg.diag, cfg.train
-        self.rules = HealthRules(**{k: getattr(d, k) for k in HealthRules.__dataclass_fields__})
+        self.rules = d
         method.diag_threshold = d.fixed_threshold
         self.images_per_step = images_per_step_scale * (
             t.batch_size + (t.batch_size_unlabeled if method.uses_unlabeled else 0))

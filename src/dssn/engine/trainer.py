@@ -10,7 +10,6 @@ and ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from dssn.engine.runtime import (
 from dssn.errors import TrainingError, TrainingPreempted
 from dssn.method import METHODS, Batch, Method, build_method
 from dssn.method.components import poly_lr
-from dssn.models import build_model, check_model_config
+from dssn.models import build_model, check_model_config, check_pretrained
 
 
 @dataclass
@@ -278,6 +277,7 @@ class Trainer:
         self.monitor.note_plan(self.plan.to_dict(), self.plan.line(unit), [n for n in notes if n])
         self.step = 0
         self.best_miou = -1.0
+        """The best mIoU so far, in percent (as evaluations report it and checkpoints store it)."""
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteWatch()
         self.last_saved: int | None = None
@@ -301,7 +301,7 @@ class Trainer:
         for group, values in zip(self.optimizer.param_groups, hyper):
             group.update(values)
         self.step = int(state["step"])
-        self.best_miou = float(state["best_miou"]) / 100
+        self.best_miou = float(state["best_miou"])
         self.history = list(state.get("history", []))
         self.last_eval = dict(state.get("eval") or {})
         self.last_saved = self.step
@@ -379,7 +379,7 @@ class Trainer:
         if self.step == first_step:  # a resumed run that had already finished: report its last scores
             return self._result(self.last_eval, wall)
         summary = {name: r.summary(self.class_names) for name, r in self._final.items()}
-        self.monitor.finish(summary, self.best_miou * 100, self.step, wall)
+        self.monitor.finish(summary, self.best_miou, self.step, wall)
         return self._result(summary, wall)
 
     def _loop(self, steps: Iterator[list[Batch]], signals: StopSignals) -> str | None:
@@ -443,7 +443,7 @@ class Trainer:
                                  "exactly")
 
     def _result(self, final: dict[str, dict[str, Any]], wall: float) -> TrainResult:
-        return TrainResult(self.run_dir, final, self.best_miou * 100, self.step, wall, self.history,
+        return TrainResult(self.run_dir, final, self.best_miou, self.step, wall, self.history,
                            self.dist.is_main)
 
     def _log_train(self, running: dict[str, torch.Tensor], n: int) -> None:
@@ -451,11 +451,7 @@ class Trainer:
         # The mean over micro-batches and ranks; one host sync (and one all-reduce when distributed).
         values = all_reduce_sum(torch.stack([running[k].float() for k in names])).div(n * self.dist.world_size)
         values = values.tolist()
-        scalars = dict(zip(names, values))
-        for name, value in scalars.items():
-            if not math.isfinite(value):
-                raise TrainingError(f"loss term '{name}' became {value} by step {self.step}; "
-                                    f"the last checkpoint in {self.run_dir} is intact. Try a lower train.lr.")
+        scalars = dict(zip(names, values))  # finite: NonFiniteWatch.check ran just before
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
         self.monitor.on_log(self.step, scalars)  # adds img_s, lr_head; logs the diagnostics
         self.logger.log_train(self.step, scalars)
@@ -472,7 +468,7 @@ class Trainer:
         self.monitor.on_eval(self.step, epoch, summary, time.perf_counter() - eval_start)
         self.history.append({"step": self.step, "epoch": epoch, **{n: s["miou"] for n, s in summary.items()}})
         self.last_eval = summary
-        best_now = max(r.miou for r in results.values())
+        best_now = max(s["miou"] for s in summary.values())
         improved = best_now > self.best_miou
         if improved:
             self.best_miou = best_now
@@ -503,7 +499,7 @@ class Trainer:
             "format": FORMAT,
             "step": self.step,
             "epoch": epoch,
-            "best_miou": self.best_miou * 100,
+            "best_miou": self.best_miou,
             "models": {name: m.state_dict() for name, m in self.method.modules().items()},
             "optimizer": self.optimizer.state_dict(),
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
@@ -549,6 +545,7 @@ def train(cfg: Config) -> TrainResult:
         run_on_main(lambda: check_before_training(cfg), dist)
         if not dist.is_main:
             check_before_training(cfg)
+        check_pretrained(cfg)  # a weights file that is not one: named before the run folder exists
 
         opened: dict[str, Any] = {}
 

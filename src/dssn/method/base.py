@@ -41,8 +41,13 @@ class Method(ABC):
     """Base class: a student network plus whatever else the method trains or tracks."""
 
     name: str = "method"
+    config_class: type[MethodConfig] = MethodConfig
+    """This method's ``method`` section: the keys it reads (``dssn.method.settings``)."""
     uses_unlabeled: bool = True
     uses_partner_batch: bool = True
+    perturbs_features: bool = False
+    """Whether the step asks the network for perturbed feature streams (``n_perturb``), the ones
+    ``model.feature_dropout`` shapes."""
     """Whether the step reads ``Batch.partner``; without it the engine loads one unlabeled stream."""
     collect_diagnostics: bool = False
     """Set by the engine on the steps it will log: the step then also stores its

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dssn.config import DiagConfig
 from dssn.constants import IGNORE
 from dssn.method.components import cplg_mask, standardize, threshold_mask
 
@@ -131,26 +132,8 @@ def loss_shares(scalars: dict[str, float], weights: dict[str, float]) -> dict[st
 
 # ---- health rules ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class HealthRules:
-    """Thresholds of the failure signs (``diag.*`` config keys). A rule that holds is
-    reported only once it has held at ``patience`` consecutive log steps (the monitor's job)."""
-
-    max_align_share: float = 0.5
-    """Alignment dominating: its weighted share of the total loss is above this."""
-    min_align_share: float = 1e-4
-    """Alignment vanishing: it is switched on but its weighted share is below this."""
-    max_random_similarity: float = 0.99
-    """Collapse: random pixel pairs are this similar (every pixel gets the same output)."""
-    min_selected: float = 0.02
-    """Selection starved: the teacher's selected fraction is below this after half of training;
-    also the level it must have reached before a drop counts as a collapse."""
-    collapse_ratio: float = 0.25
-    """Selection collapsing: the selected fraction fell below this share of its highest value so far."""
-    max_teacher_distance: float = 0.5
-    """Teacher diverging: relative teacher-student parameter distance above this."""
-    max_teacher_gap: float = 10.0
-    """Teacher diverging: teacher mIoU this many points below the student's at an evaluation."""
+HealthRules = DiagConfig
+"""The thresholds of the failure signs are the ``diag.*`` config keys themselves (one source)."""
 
 
 @dataclass(frozen=True)

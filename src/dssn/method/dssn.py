@@ -15,10 +15,13 @@ The numbered comments are §3's steps; the pieces are in ``components.py``.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from dssn.config import MethodConfig, TrainConfig
+from dssn.config import TrainConfig
 from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import (
@@ -38,12 +41,52 @@ from dssn.method.diagnostics import (
     prediction_agreement,
     pseudo_label_statistics,
 )
+from dssn.method.settings import CPLGKeys, EMATeacherKeys, ThresholdKeys
+
+
+class DSSNConfig(EMATeacherKeys, ThresholdKeys, CPLGKeys):
+    """``method.*`` of ``method.name=dssn``."""
+
+    selection: Literal["cplg", "threshold"] = "cplg"
+    """Which pseudo labels are trained on: CPLG (``tau_low``, ``ratio``) or ``threshold``."""
+    loss_image: bool = True
+    """L_s: teacher pseudo labels supervise the two CutMix-ed strong views."""
+    loss_feature: bool = True
+    """L_fp: the student's weak prediction supervises the perturbed feature streams."""
+    align_image: bool = True
+    """The alignment of the two strong views (docs/method.md §4.2)."""
+    align_feature: bool = True
+    """The alignment of the two perturbed feature streams."""
+    lambda_c: float = Field(0.005, ge=0.0)
+    """Weight of the alignment terms in the loss."""
+    weight_x: float = Field(0.5, ge=0.0)
+    """Weight of the labeled loss."""
+    weight_u: float = Field(0.125, ge=0.0)
+    """Weight of each unlabeled loss (L_s and L_fp)."""
+    teacher_bn: Literal["released", "batch", "running"] = "released"
+    """Batch norm of the EMA teacher: ``released`` normalises by each weak batch's own statistics
+    during the first epoch and by the running statistics from the second epoch on (what the
+    authors' script does: its teacher starts in training mode and its end-of-epoch evaluation
+    leaves it in eval mode); ``batch`` and ``running`` use one of the two for the whole run."""
+    warmup_steps: int = Field(1, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    """L_s is left out until both warm-ups have passed."""
+
+    @classmethod
+    def idle_keys(cls, section: dict[str, Any]) -> dict[str, str]:
+        if section.get("selection", "cplg") == "cplg":
+            return {"threshold": "dssn reads it only with method.selection=threshold; with cplg (the default) "
+                                 "it selects by method.tau_low and method.ratio"}
+        return {}
 
 
 class DSSN(Method):
     name = "dssn"
+    config_class = DSSNConfig
+    perturbs_features = True
+    cfg: DSSNConfig
 
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+    def __init__(self, student: nn.Module, cfg: DSSNConfig, train_cfg: TrainConfig,
                  iters_per_epoch: int = 1) -> None:
         super().__init__(student, cfg, train_cfg, iters_per_epoch)
         self.teacher = self.frozen_copy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,10 +12,19 @@ from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import cutmix, eval_mode_logits, labeled_loss, threshold_mask
 from dssn.method.diagnostics import pseudo_label_statistics
+from dssn.method.settings import CPLGKeys, ThresholdKeys
+
+
+class FixMatchConfig(CPLGKeys, ThresholdKeys):
+    """``method.*`` of ``method.name=fixmatch``: the CPLG keys feed the diagnostics only."""
 
 
 class FixMatch(Method):
     name = "fixmatch"
+    config_class = FixMatchConfig
+    cfg: FixMatchConfig
+    LOSS_WEIGHTS: ClassVar[dict[str, float]] = {"x": 0.5, "u": 0.5}
+    """As UniMatch and DSSN compare against it: the labeled and the unlabeled loss count alike."""
 
     def training_step(self, batch: Batch, step: int) -> dict[str, Tensor]:
         images, labels = batch.labeled
@@ -42,7 +53,7 @@ class FixMatch(Method):
         selected = (confidence1 >= self.cfg.threshold) & valid
         pixel_loss = F.cross_entropy(student_strong1, pseudo1, reduction="none")
         loss_unlabeled = (pixel_loss * selected).sum() / valid.sum().clamp_min(1)
-        loss = (loss_labeled + loss_unlabeled) / 2
+        loss = self.LOSS_WEIGHTS["x"] * loss_labeled + self.LOSS_WEIGHTS["u"] * loss_unlabeled
         if self.collect_diagnostics:  # only on the steps the engine logs
             mixed_logits1 = cutmix(student_weak, partner_logits, unlabeled.box1)
             self._diagnostics = self._diagnose(mixed_logits1, pseudo1, selected, ignore1)
@@ -61,7 +72,7 @@ class FixMatch(Method):
                                        self.diag_threshold)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"x": 0.5, "u": 0.5}
+        return dict(self.LOSS_WEIGHTS)
 
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:

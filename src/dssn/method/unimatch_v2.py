@@ -8,10 +8,12 @@ is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads whichever ru
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from dssn.config import MethodConfig, TrainConfig
+from dssn.config import TrainConfig
 from dssn.constants import IGNORE
 from dssn.method.base import Batch, Method
 from dssn.method.components import (
@@ -26,6 +28,12 @@ from dssn.method.diagnostics import (
     parameter_distance,
     pseudo_label_statistics,
 )
+from dssn.method.settings import CPLGKeys, EMATeacherKeys, ThresholdKeys
+
+
+class UniMatchV2Config(CPLGKeys, EMATeacherKeys, ThresholdKeys):
+    """``method.*`` of ``method.name=unimatch_v2``: its loss weights are the release's
+    (``UniMatchV2.loss_weights``), the CPLG keys feed the diagnostics only."""
 
 
 def from_partner(base: Tensor, box: Tensor) -> Tensor:
@@ -38,10 +46,14 @@ def from_partner(base: Tensor, box: Tensor) -> Tensor:
 
 class UniMatchV2(Method):
     name = "unimatch_v2"
+    config_class = UniMatchV2Config
+    cfg: UniMatchV2Config
+    LOSS_WEIGHTS: ClassVar[dict[str, float]] = {"x": 0.5, "u": 0.5}
+    """The release's: the labeled and the unlabeled loss count alike (not settings)."""
     uses_partner_batch = False
     """CutMix partners come from the same batch, so the engine loads no second unlabeled stream."""
 
-    def __init__(self, student: nn.Module, cfg: MethodConfig, train_cfg: TrainConfig,
+    def __init__(self, student: nn.Module, cfg: UniMatchV2Config, train_cfg: TrainConfig,
                  iters_per_epoch: int = 1) -> None:
         super().__init__(student, cfg, train_cfg, iters_per_epoch)
         self.teacher = self.frozen_copy().eval()
@@ -78,7 +90,7 @@ class UniMatchV2(Method):
         loss_u1 = masked_unlabeled_ce(logits1, pseudo1, confidence1 >= threshold, ignore1)
         loss_u2 = masked_unlabeled_ce(logits2, pseudo2, confidence2 >= threshold, ignore2)
         loss_u = (loss_u1 + loss_u2) / 2
-        loss = (loss_x + loss_u) / 2
+        loss = self.LOSS_WEIGHTS["x"] * loss_x + self.LOSS_WEIGHTS["u"] * loss_u
 
         if self.collect_diagnostics:  # only on the steps the engine logs
             self._diagnostics = self._diagnose(from_partner(teacher_weak, box1), pseudo1,
@@ -103,7 +115,7 @@ class UniMatchV2(Method):
         return {"student": self.student_net, "teacher": self.teacher}
 
     def loss_weights(self) -> dict[str, float]:
-        return {"x": 0.5, "u": 0.5}
+        return dict(self.LOSS_WEIGHTS)
 
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> tuple[Tensor, Tensor]:

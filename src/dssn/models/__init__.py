@@ -4,6 +4,8 @@ Each network is built from the config by the entry ``model.name`` names in ``MOD
 ``deeplabv3plus`` (ResNet-v1c, the paper's) and ``dpt`` (DINOv2 + DPT, UniMatch V2's).
 """
 
+from pathlib import Path
+
 from torch import nn
 
 from dssn.config import Config, ConfigError
@@ -11,12 +13,14 @@ from dssn.models.deeplabv3plus import DeepLabV3Plus
 from dssn.models.dpt import DPT, DPT_BACKBONES
 from dssn.models.resnet import BACKBONES as RESNETS
 from dssn.models.resnet import ResNet, build_backbone
+from dssn.models.vit import PATCH_SIZE
 from dssn.models.weights import (
     LoadReport,
     WeightsError,
     load_backbone_weights,
     load_state_dict_file,
     load_weights,
+    weights_format,
 )
 from dssn.registry import MODELS
 
@@ -24,6 +28,7 @@ __all__ = [
     "MODELS",
     "build_model",
     "check_model_config",
+    "check_pretrained",
     "DeepLabV3Plus",
     "DPT",
     "LoadReport",
@@ -50,6 +55,27 @@ def check_model_config(cfg: Config) -> None:
                           f"it takes {', '.join(sorted(choices))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
         raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
+    if m.name == "dpt":
+        for key, size in (("data.crop_size", cfg.data.crop_size), ("eval.crop_size", cfg.eval.crop_size)):
+            if size is not None and size < PATCH_SIZE:
+                raise ConfigError(f"{key}={size} is smaller than the ViT's patch ({PATCH_SIZE} pixels); the DPT "
+                                  f"network resizes sides that are not multiples of {PATCH_SIZE} to the nearest "
+                                  f"multiple, so give at least {PATCH_SIZE} (e.g. {PATCH_SIZE * 37} = 37 patches)")
+
+
+def check_pretrained(cfg: Config) -> None:
+    """``ConfigError`` naming ``model.pretrained`` when it names no file, or a file that is not a
+    PyTorch or safetensors weights file (a text file, an image); cheap, for before the run folder."""
+    if cfg.model.pretrained is None:
+        return
+    path = Path(cfg.model.pretrained).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file '{path}' not found (set model.pretrained=null "
+                          "to train from scratch)")
+    try:
+        weights_format(path)
+    except WeightsError as err:
+        raise ConfigError(f"model.pretrained: {err}") from None
 
 
 def build_deeplabv3plus(cfg: Config) -> DeepLabV3Plus:

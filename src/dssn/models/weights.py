@@ -28,6 +28,7 @@ __all__ = [
     "load_state_dict_file",
     "load_weights",
     "unwrap_state_dict",
+    "weights_format",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,35 @@ def _unpickling_reason(err: Exception) -> str:
     return match.group(1).split(". ")[0].strip() if match else str(err)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOL = 0x80  # the legacy torch.save format: a pickle, protocol 2 or higher
+
+
+def weights_format(path: str | os.PathLike[str]) -> str:
+    """``"torch"`` or ``"safetensors"`` from the file's first bytes; ``WeightsError`` naming the
+    file for anything else (text, an image, an empty file), before any parser sees it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        raise WeightsError(f"weights file {path} cannot be read: {err.strerror or err}") from None
+    if head.startswith(_ZIP_MAGIC) or (len(head) > 1 and head[0] == _PICKLE_PROTOCOL and head[1] >= 2):
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    shown = head[:8].decode("ascii", errors="replace") if head else "nothing (an empty file)"
+    raise WeightsError(f"{path} is neither a PyTorch weights file (.pth/.pt, as torch.save writes them) nor a "
+                       f"safetensors file: it starts with {shown!r}")
+
+
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a state dict safely, unwrapping ``{"model": ...}`` and DDP ``module.`` prefixes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if weights_format(path) != "torch":
+        raise WeightsError(f"{path} is a safetensors file; this reads PyTorch weights files (.pth/.pt)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -91,10 +116,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             f"({reason}). Re-save it as a plain state dict from trusted code, "
             f"e.g. torch.save(obj['model'], 'plain.pth')."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (a damaged file fails anywhere in torch's readers: KeyError, zip, ...)
         raise WeightsError(
             f"{path} could not be read as a PyTorch weights file ({type(err).__name__}: {err})"
-        ) from err
+        ) from None
 
     return unwrap_state_dict(obj, path)
 

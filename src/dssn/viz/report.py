@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from dssn.config import DiagConfig
 from dssn.engine.panels import Panels
 from dssn.engine.rundir import REPORT_NAME, RunData, load_run
-from dssn.method.diagnostics import HealthRules
 from dssn.viz import plots
 
 SECTIONS = ("summary", "warnings", "config", "losses", "miou", "per-class-iou", "selection", "cplg-vs-fixed",
@@ -167,9 +167,8 @@ def _predictions(run: RunData) -> str:
 
 def _rules_note(run: RunData) -> str:
 
-    d = {**HealthRules().__dict__, "patience": 3,
-         **{k: v for k, v in run.config.get("diag", {}).items() if k in HealthRules.__dataclass_fields__
-            or k == "patience"}}
+    d = {**DiagConfig().model_dump(), **{k: v for k, v in run.config.get("diag", {}).items()
+                                          if k in DiagConfig.model_fields}}
     return ('<p class="note">Rules (thresholds are <code>diag.*</code> config keys; checked at every log step '
             f"from iteration {run.info.get('grace_step', '?')}, reported once a rule has held at "
             f"{d['patience']} consecutive log steps): the alignment term is above "
