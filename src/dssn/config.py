@@ -221,6 +221,7 @@ class DiagConfig(_Section):
     collapse_ratio: float = 0.25
     max_teacher_distance: float = 0.5
     max_teacher_gap: float = 10.0
+    min_prediction_spread: float = 0.25
     """Thresholds of the health rules; see ``dssn.method.diagnostics.HealthRules`` and docs/diagnostics.md."""
 
 
