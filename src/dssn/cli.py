@@ -424,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and table (default runs/demo)")
     p.add_argument("--data", default="data/synthetic",
                    help="where the built-in dataset is cached (default data/synthetic)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; one row per method and seed, and the differences to "
-                   "supervised paired by seed (e.g. --seeds 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds; one row per method and seed, and the differences to supervised paired "
+                        "by seed (e.g. --seeds 0 1 2)")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the synthetic preset's)")
     p.add_argument("--methods", nargs="+", default=["supervised", "dssn"],
                    choices=METHODS.names(), help="methods to compare")
