@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from dssn.apps import demo
-from dssn.apps.demo import paired_by_seed, run_demo
-from dssn.viz.tables import paired_difference, signed
+from dssn.apps.demo import run_demo
+from dssn.viz.paired import paired_by_seed, paired_difference, signed
 
 # Student mIoU by (method, seed). DSSN minus supervised: +2, -1, +5 -> mean 2; deviations 0, -3, 3,
 # sample variance (0 + 9 + 9) / 2 = 9, standard deviation 3, standard error 3 / sqrt(3) = sqrt(3).

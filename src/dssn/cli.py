@@ -336,7 +336,9 @@ def _add_run_folder_parsers(sub: argparse._SubParsersAction, overrides_help: str
                                    "compare.csv), and compare.png (mIoU per run; per-class IoU grouped by class, "
                                    "a star over each winner). A sweep folder (from `dssn sweep`) expands into "
                                    "its runs and adds sweep.png, mIoU against the swept values; any other "
-                                   "folder of run folders (e.g. a demo's) expands into the runs it holds.")
+                                   "folder of run folders (e.g. a demo's) expands into the runs it holds. Runs "
+                                   "of several methods on shared seeds are also paired with supervised training "
+                                   "seed by seed: the mean difference and its standard error.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, sweep folders or folders of runs")
     p.add_argument("--out", help="folder for compare.md/.csv/.png (default: the folder given, when a single "
                                  "sweep or demo folder is given; else the current folder)")

@@ -15,9 +15,8 @@ from dssn.data.synthetic import resolve_synthetic
 from dssn.errors import TrainingError
 from dssn.files import atomic_write_text
 from dssn.viz.compare import compare_runs
-from dssn.viz.tables import markdown, paired_difference, score, signed
-
-BASELINE = "supervised"
+from dssn.viz.paired import paired_by_seed, paired_lines, paired_table
+from dssn.viz.tables import markdown, score
 
 
 def _table(rows: list[dict], class_names: list[str]) -> str:
@@ -25,43 +24,6 @@ def _table(rows: list[dict], class_names: list[str]) -> str:
     return markdown(head, [[r["method"], score(r["miou"], 2), score(r["teacher_miou"], 2),
                             *(score(v) for v in r["per_class"].values()), f"{r['wall_time']:.0f}", str(r["seed"])]
                            for r in rows])
-
-
-def paired_by_seed(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
-    """Per method other than ``baseline``: its student's mIoU minus the baseline's, seed by seed
-    (the seeds both ran), their mean and its standard error; {} without the baseline."""
-    miou = {(r["method"], r["seed"]): r["miou"] for r in rows}
-    baseline_seeds = [r["seed"] for r in rows if r["method"] == baseline]
-    paired = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        seeds = [seed for seed in baseline_seeds if (method, seed) in miou]
-        if method == baseline or not seeds:
-            continue
-        d = paired_difference([miou[method, seed] for seed in seeds], [miou[baseline, seed] for seed in seeds])
-        paired[method] = {"baseline": baseline, "seeds": seeds, "differences": d.differences, "mean": d.mean,
-                          "std_error": d.std_error}
-    return paired
-
-
-def _paired_table(paired: dict[str, dict]) -> str:
-    seeds = list(dict.fromkeys(seed for p in paired.values() for seed in p["seeds"]))
-    rows = []
-    for method, p in paired.items():
-        by_seed = dict(zip(p["seeds"], p["differences"]))
-        rows.append([f"{method} - {p['baseline']}", *(signed(by_seed[s]) if s in by_seed else "-" for s in seeds),
-                     signed(p["mean"]), score(p["std_error"], 2)])
-    return markdown(["student mIoU", *(f"seed {s}" for s in seeds), "mean", "standard error"], rows)
-
-
-def _paired_lines(paired: dict[str, dict]) -> list[str]:
-    lines = []
-    for method, p in paired.items():
-        n = len(p["seeds"])
-        spread = (f"standard error {p['std_error']:.2f}" if p["std_error"] is not None
-                  else "no standard error from one seed: add --seeds 0 1 2")
-        lines.append(f"{method} minus {p['baseline']}, student mIoU paired by seed over {n} seed{'s' * (n > 1)}: "
-                     f"mean {signed(p['mean'])} points, {spread}")
-    return lines
 
 
 def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | None = None,
@@ -100,7 +62,7 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     table = _table(rows, class_names)
     paired = paired_by_seed(rows)
     if paired:
-        table += "\n\n" + _paired_table(paired) + "\n\n" + "\n".join(_paired_lines(paired))
+        table += "\n\n" + paired_table(paired) + "\n\n" + "\n".join(paired_lines(paired))
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     atomic_write_text(out_dir / "results.md", f"# dssn demo\n\n{machine}\n\n{table}\n")
     atomic_write_text(out_dir / "results.json", json.dumps({"runs": rows, "paired": paired}, indent=2))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 
 def score(value: float | None, digits: int = 1) -> str:
@@ -26,28 +24,3 @@ def aligned(head: Sequence[str], rows: Sequence[Sequence[str]], min_width: int =
     return "\n".join("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in table)
 
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """``a - b`` paired run by run (the same seed): what a comparison over seeds rests on."""
-
-    differences: list[float]
-    mean: float
-    std_error: float | None
-    """Sample standard deviation of the differences (n - 1) over sqrt(n); None below two pairs."""
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
-    """The differences ``a[i] - b[i]``, their mean and its standard error. Pairing removes what
-    the two runs of a seed share (data order, initial weights) from the spread."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired_difference needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
-    differences = [x - y for x, y in zip(a, b)]
-    n = len(differences)
-    std_error = statistics.stdev(differences) / math.sqrt(n) if n > 1 else None
-    return PairedDifference(differences, statistics.fmean(differences), std_error)
-
-
-def signed(value: float, digits: int = 2) -> str:
-    """A difference in points with its sign: ``+1.25``, ``-0.40``."""
-    return f"{value:+.{digits}f}"
