@@ -204,7 +204,7 @@ def test_an_evaluation_that_predicts_one_class_fires_the_check(tmp_path):
     monitor.on_eval(60, 6, collapsed, 0.1)
     warnings = [r for r in logger.records if r["kind"] == "warning"]
     assert [(w["rule"], w["step"]) for w in warnings] == [("single_class", 60)]
-    assert "the student (0%)" in warnings[0]["message"] and "teacher" not in warnings[0]["message"].split(":")[1]
+    assert "another class goes to student 0% (< 25%)" in warnings[0]["message"]
     assert monitor.warning_counts == {"single_class": 1}
 
 

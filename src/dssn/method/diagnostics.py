@@ -215,10 +215,10 @@ def health_warnings(stats: dict[str, float], rules: HealthRules, best_selected: 
     narrow = {key.removeprefix("spread/"): v for key, v in stats.items()
               if key.startswith("spread/") and math.isfinite(v) and v < rules.min_prediction_spread}
     if narrow:
-        which = ", ".join(f"the {name} ({100 * v:.0f}%)" for name, v in narrow.items())
+        which = ", ".join(f"{name} {100 * v:.0f}%" for name, v in narrow.items())
         out.append(HealthWarning("single_class",
-                                 f"evaluation predicts almost one class everywhere: {which} of the pixels "
-                                 f"whose truth is another class get another class (< "
+                                 "evaluation predicts almost one class everywhere: of the pixels whose truth is "
+                                 f"not the most-predicted class, another class goes to {which} (< "
                                  f"{100 * rules.min_prediction_spread:g}%). If train-mode predictions look "
                                  "right, suspect batch-norm running statistics; else the learning rate"))
     t_miou, s_miou = stats.get("miou/teacher"), stats.get("miou/student")
