@@ -192,7 +192,8 @@ def test_an_evaluation_that_predicts_one_class_fires_the_check(tmp_path):
     collapsed = {"student": collapsed["student"].summary(["bg", "a", "b"]), "teacher": healthy["teacher"]}
     assert collapsed["student"]["prediction_spread"] == 0.0
 
-    cfg = load_config("synthetic", ["data.num_classes=3", "method.name=supervised", "diag.panels=0"])
+    cfg = load_config("synthetic", ["data.num_classes=3", "method.name=supervised", "diag.panels=0",
+                                    "train.batch_size=2", "train.batch_size_unlabeled=2"])
     net = torch.nn.Conv2d(3, 3, 1)
     method = build_method(cfg, net, iters_per_epoch=10)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
