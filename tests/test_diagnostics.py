@@ -21,6 +21,7 @@ from dssn.method.diagnostics import (
     parameter_distance,
     positive_vs_random_similarity,
     prediction_agreement,
+    prediction_spread,
 )
 
 
@@ -142,6 +143,70 @@ def test_health_rules():
     assert rules_fired({**healthy, "teacher_distance": 0.8}) == ["teacher_diverges"]
     assert rules_fired({"miou/student": 50.0, "miou/teacher": 35.0}) == ["teacher_diverges"]
     assert rules_fired({"miou/student": 50.0, "miou/teacher": 45.0}) == []
+    assert rules_fired({"spread/student": 0.9, "spread/teacher": 1.1}) == []
+    assert rules_fired({"spread/student": 0.02, "spread/teacher": 0.3}) == ["single_class"]
+    assert rules_fired({"spread/student": float("nan")}) == []  # the truth is one class: nothing to tell
+
+
+def test_prediction_spread_by_hand():
+    """Rows truth, columns prediction. Truth: 60 background, 40 other pixels."""
+    right = torch.tensor([[60, 0, 0], [0, 30, 0], [0, 0, 10]])
+    assert prediction_spread(right) == 1.0
+    background_everywhere = torch.tensor([[60, 0, 0], [30, 0, 0], [10, 0, 0]])
+    assert prediction_spread(background_everywhere) == 0.0
+    # background predicted on 95 pixels: 5 other predictions for 40 other truths
+    nearly = torch.tensor([[59, 1, 0], [28, 2, 0], [8, 0, 2]])
+    assert prediction_spread(nearly) == pytest.approx(5 / 40)
+    # the most-predicted class need not be the most common one: class 2 predicted on 90 pixels
+    wrong_class = torch.tensor([[0, 0, 60], [0, 10, 20], [0, 0, 10]])
+    assert prediction_spread(wrong_class) == pytest.approx(10 / 90)
+    assert math.isnan(prediction_spread(torch.tensor([[50, 0], [0, 0]])))
+
+
+class ConstantNet(torch.nn.Module):
+    """Logits read off the image: channel c is the score of class c."""
+
+    def forward(self, x):
+        return x
+
+
+def test_an_evaluation_that_predicts_one_class_fires_the_check(tmp_path):
+    """Through the engine's evaluation and the monitor: a network that predicts the background
+    everywhere fires ``single_class`` at once; one that predicts the truth does not."""
+    from dssn.engine.evaluate import evaluate
+    from dssn.engine.monitor import TrainingMonitor
+
+    mask = torch.zeros(2, 8, 8, dtype=torch.long)
+    mask[:, 2:6, 2:6] = 1
+    mask[1, 6:, :] = 2
+    right = torch.nn.functional.one_hot(mask, 3).permute(0, 3, 1, 2).float()
+    background = torch.zeros_like(right)
+    background[:, 0] = 1.0
+    results = evaluate({"student": ConstantNet(), "teacher": ConstantNet()},
+                       [(right, mask)], 3, torch.device("cpu"))
+    healthy = {n: r.summary(["bg", "a", "b"]) for n, r in results.items()}
+    assert healthy["student"]["prediction_spread"] == 1.0
+    assert healthy["student"]["predicted_share"] == pytest.approx({"bg": 80 / 128, "a": 32 / 128, "b": 16 / 128})
+    collapsed = evaluate({"student": ConstantNet(), "teacher": ConstantNet()}, [(background, mask)], 3,
+                         torch.device("cpu"))
+    collapsed = {"student": collapsed["student"].summary(["bg", "a", "b"]), "teacher": healthy["teacher"]}
+    assert collapsed["student"]["prediction_spread"] == 0.0
+
+    cfg = load_config("synthetic", ["data.num_classes=3", "method.name=supervised", "diag.panels=0",
+                                    "train.batch_size=2", "train.batch_size_unlabeled=2"])
+    net = torch.nn.Conv2d(3, 3, 1)
+    method = build_method(cfg, net, iters_per_epoch=10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    logger = FakeLogger()
+    monitor = TrainingMonitor(cfg, tmp_path, method, optimizer, logger, ["bg", "a", "b"], [0] * 9, 10, 100,
+                              None, torch.device("cpu"))
+    monitor.on_eval(50, 5, healthy, 0.1)
+    assert not [r for r in logger.records if r["kind"] == "warning"]
+    monitor.on_eval(60, 6, collapsed, 0.1)
+    warnings = [r for r in logger.records if r["kind"] == "warning"]
+    assert [(w["rule"], w["step"]) for w in warnings] == [("single_class", 60)]
+    assert "another class goes to student 0% (< 25%)" in warnings[0]["message"]
+    assert monitor.warning_counts == {"single_class": 1}
 
 
 class FakeLogger:

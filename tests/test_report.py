@@ -213,3 +213,30 @@ def test_diagnostics_do_not_change_training(runs, data_root, tmp_path):
     assert not (tmp_path / "plain" / "report.html").exists()
     records = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert not any(r["kind"] == "diag" and "counts" in r for r in records)
+
+
+def test_compare_pairs_a_demos_runs_by_seed(tmp_path, capsys):
+    """Supervised and DSSN on seeds 0 to 2 (DSSN minus supervised: +2, -1, +5: mean 2, standard error
+    sqrt(3)); a FixMatch run of seed 1 only. A sweep, or two runs of one method and seed, pairs nothing."""
+    scores = {("supervised", 0): 55.0, ("dssn", 0): 57.0, ("supervised", 1): 56.5, ("dssn", 1): 55.5,
+              ("supervised", 2): 54.25, ("dssn", 2): 59.25, ("fixmatch", 1): 57.0}
+    for (method, seed), miou in scores.items():
+        run = write_run(tmp_path / "demo" / f"{method}-seed{seed}", method, {"background": miou, "cat": miou})
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {"seed": seed}}))
+    comparison = compare_runs([tmp_path / "demo"], tmp_path / "out")
+    assert comparison.paired["dssn"]["seeds"] == [0, 1, 2]
+    assert comparison.paired["dssn"]["mean"] == pytest.approx(2.0)
+    assert comparison.paired["dssn"]["std_error"] == pytest.approx(3 ** 0.5)
+    assert comparison.paired["fixmatch"]["differences"] == pytest.approx([0.5])
+    assert comparison.paired["fixmatch"]["std_error"] is None
+    printed = capsys.readouterr().out
+    assert "dssn minus supervised, student mIoU paired by seed over 3 seeds: mean +2.00 points, " \
+           "standard error 1.73" in printed
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| dssn - supervised | +2.00 | -1.00 | +5.00 | +2.00 | 1.73 |" in md
+    assert "| fixmatch - supervised | - | +0.50 | - | +0.50 | - |" in md  # seed 1 only
+    twice = write_run(tmp_path / "again", "dssn", {"background": 1.0, "cat": 1.0})
+    (twice / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "dssn"}, "train": {"seed": 0}}))
+    assert compare_runs([tmp_path / "demo", twice], quiet=True).paired == {}
+    assert compare_runs([tmp_path / "demo"], quiet=True, against=["train.seed"]).paired == {}

@@ -15,6 +15,7 @@ from dssn.engine.trainer import train
 from dssn.method import Batch, UniMatchV2, build_method
 from dssn.method.components import ema_momentum_at
 from dssn.method.unimatch_v2 import from_partner
+from dssn.models import DeepLabV3Plus
 
 N_CLASSES = 5
 
@@ -128,7 +129,7 @@ def literal_step(student: nn.Module, teacher: nn.Module, batch: Batch, threshold
 def test_step_equals_the_literal_rules():
     """Losses and gradients on the same weights, batch and dropout draws; the teacher runs in eval
     mode and the step leaves it untouched; the student's two passes are the labeled batch alone
-    and cat(s1, s2) with complementary dropout."""
+    and cat(s1, s2) with complementary dropout, and only the first moves running statistics."""
     method = make_method()
     student, teacher = copy.deepcopy(method.student), copy.deepcopy(method.teacher)
     teacher_before = copy.deepcopy(method.teacher.state_dict())
@@ -150,9 +151,17 @@ def test_step_equals_the_literal_rules():
     ref["loss"].backward()
     for (name, a), b in zip(method.student.named_parameters(), student.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
-    # The student's batch-norm statistics moved as in the two separate passes.
-    for a, b in zip(method.student.buffers(), student.buffers(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    # Batch norm's running statistics moved with the labeled pass alone (momentum 0.1 by hand from
+    # make_method's 0.3 / 2.0), not with the complementary-dropout pass as well, as the literal
+    # step's did.
+    bn_input = method.student.stem[0](batch.labeled[0]).detach()
+    bn = method.student.stem[1]
+    expected_mean = 0.9 * 0.3 + 0.1 * bn_input.mean(dim=(0, 2, 3))
+    expected_var = 0.9 * 2.0 + 0.1 * bn_input.var(dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, expected_var, atol=1e-5)
+    assert bn.num_batches_tracked.item() == 1
+    assert not torch.allclose(student.stem[1].running_var, expected_var, atol=1e-3)
     assert not method.teacher.training
     for key, value in method.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key
@@ -265,3 +274,32 @@ def test_engine_loads_no_partner_stream(data_root, tmp_path, monkeypatch, model)
     result = train(cfg)
     assert result.iters == 2 and seen == [None, None]
     assert set(result.final) == {"student", "teacher"}
+
+
+def test_only_the_labeled_pass_moves_deeplab_running_statistics():
+    """On DeepLabV3+ (batch norm behind the complementary dropout, in ASPP and the decoder) a step
+    leaves every running statistic where one train-mode pass over the labeled batch alone puts
+    it; the strong pass still normalises with its own batch statistics (the losses are those of
+    a student whose statistics the strong pass does move)."""
+    cfg = load_config("synthetic", [f"data.num_classes={N_CLASSES}", "method.name=unimatch_v2"])
+    torch.manual_seed(0)
+    student = DeepLabV3Plus(N_CLASSES, backbone="resnet18", backbone_width=8, decoder_channels=16)
+    method = build_method(cfg, student, iters_per_epoch=10)
+    moving = copy.deepcopy(student)  # the release: both passes move the statistics
+    labeled_only = copy.deepcopy(student)
+    batch = make_batch(size=32)
+    with torch.no_grad():
+        labeled_only.train()(batch.labeled[0])
+    torch.manual_seed(5)
+    ours = method.training_step(batch, step=3)
+    torch.manual_seed(5)
+    released = literal_step(moving, method.teacher, batch)
+    assert ours["loss"].item() == pytest.approx(released["loss"].item(), rel=1e-5)
+    names = [n for n, _ in student.named_buffers()]
+    assert any(n.startswith(("head.", "reduce.", "fuse.")) for n in names)
+    for name, ours_buf, expected, release_buf in zip(names, student.buffers(), labeled_only.buffers(),
+                                                     moving.buffers(), strict=True):
+        assert torch.allclose(ours_buf, expected, atol=1e-6), name
+    decoder_var = [(a, b) for n, a, b in zip(names, student.buffers(), moving.buffers())
+                   if n.startswith("reduce.") and n.endswith("running_var")]
+    assert decoder_var and not torch.allclose(*decoder_var[0], atol=1e-4)

@@ -367,7 +367,9 @@ def _add_run_folder_parsers(sub: argparse._SubParsersAction, overrides_help: str
                                    "compare.csv), and compare.png (mIoU per run; per-class IoU grouped by class, "
                                    "a star over each winner). A sweep folder (from `dssn sweep`) expands into "
                                    "its runs and adds sweep.png, mIoU against the swept values; any other "
-                                   "folder of run folders (e.g. a demo's) expands into the runs it holds.")
+                                   "folder of run folders (e.g. a demo's) expands into the runs it holds. Runs "
+                                   "of several methods on shared seeds are also paired with supervised training "
+                                   "seed by seed: the mean difference and its standard error.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, sweep folders or folders of runs")
     p.add_argument("--out", help="folder for compare.md/.csv/.png (default: the folder given, when a single "
                                  "sweep or demo folder is given; else the current folder)")
@@ -466,11 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Builds the synthetic dataset if absent, "
                                    "trains 'supervised' and 'dssn' on the same 1/16 labeled split with the same "
                                    "iteration budget and learning rate, evaluates both and prints a table "
-                                   "(also written to OUT/results.md and .json).")
+                                   "(also written to OUT/results.md and .json). Each method's student is also "
+                                   "compared with supervised seed by seed: the differences, their mean and its "
+                                   "standard error (sample standard deviation / sqrt(seeds)).")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and table (default runs/demo)")
     p.add_argument("--data", default="data/synthetic",
                    help="where the built-in dataset is cached (default data/synthetic)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; one row per method and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds; one row per method and seed, and the differences to supervised paired "
+                        "by seed (e.g. --seeds 0 1 2)")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the synthetic preset's)")
     p.add_argument("--methods", nargs="+", default=["supervised", "dssn"],
                    choices=METHODS.names(), help="methods to compare")

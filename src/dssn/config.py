@@ -305,6 +305,8 @@ class DiagConfig(_Section):
     """Teacher diverging: relative teacher-student parameter distance above this."""
     max_teacher_gap: float = Field(10.0, ge=0.0)
     """Teacher diverging: teacher mIoU this many points below the student's at an evaluation."""
+    min_prediction_spread: float = Field(0.25, ge=0.0, le=1.0)
+    """Single class: at an evaluation a network's ``prediction_spread`` is below this."""
 
 
 class Config(_Section):

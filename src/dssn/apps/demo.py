@@ -13,7 +13,9 @@ from dssn.apps.train import train
 from dssn.config import load_config
 from dssn.data.synthetic import resolve_synthetic
 from dssn.errors import TrainingError
+from dssn.files import atomic_write_text
 from dssn.viz.compare import compare_runs
+from dssn.viz.paired import paired_by_seed, paired_lines, paired_table
 from dssn.viz.tables import markdown, score
 
 
@@ -33,7 +35,9 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     baseline does (on the built-in dataset it is also supervised training's best
     measured rate; docs/findings.md). The mIoU column is the student's final score
     for every method, so each row is the same network trained for the same number of
-    iterations; DSSN's EMA teacher is shown beside it.
+    iterations; DSSN's EMA teacher is shown beside it. With the supervised baseline among
+    ``methods``, every other method's student is also compared with it seed by seed
+    (:func:`paired_by_seed`), in the table and in ``results.json`` (``{"runs", "paired"}``).
     """
     out_dir = out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -56,9 +60,12 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
                          "iters": result.iters, "run_dir": str(result.run_dir)})
     class_names = list(rows[0]["per_class"])
     table = _table(rows, class_names)
+    paired = paired_by_seed(rows)
+    if paired:
+        table += "\n\n" + paired_table(paired) + "\n\n" + "\n".join(paired_lines(paired))
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    (out_dir / "results.md").write_text(f"# dssn demo\n\n{machine}\n\n{table}\n")
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out_dir / "results.md", f"# dssn demo\n\n{machine}\n\n{table}\n")
+    atomic_write_text(out_dir / "results.json", json.dumps({"runs": rows, "paired": paired}, indent=2))
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
     print()

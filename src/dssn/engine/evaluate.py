@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dssn.constants import IGNORE
+from dssn.method.diagnostics import prediction_spread
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -126,9 +127,14 @@ class EvalResult:
 
     def summary(self, class_names: list[str] | None = None) -> dict:
         names = class_names or [str(i) for i in range(len(self.per_class))]
+        total = max(int(self.confusion.sum()), 1)
+        spread = prediction_spread(self.confusion)
         return {
             "miou": self.miou * 100,
             "per_class": {n: (None if math.isnan(v) else v * 100) for n, v in zip(names, self.per_class.tolist())},
+            # what the network predicts, for the single-class health check (docs/diagnostics.md)
+            "predicted_share": {n: c / total for n, c in zip(names, self.confusion.sum(dim=0).tolist())},
+            "prediction_spread": None if math.isnan(spread) else spread,
         }
 
 

@@ -6,7 +6,8 @@
   method's diagnostic tensors in one host transfer, accumulates the CPLG-vs-fixed
   counts, writes them to TensorBoard and ``metrics.jsonl`` (``kind: diag``) and applies
   the health rules (``kind: warning`` records and a console line).
-- ``on_eval``: timing, the teacher-vs-student health rule and the image panels.
+- ``on_eval``: timing, the evaluation health rules (teacher vs student, single class) and the
+  image panels.
 - ``finish``: ``result.json`` (the marker of a finished run) and a summary of the
   warnings.
 
@@ -137,10 +138,12 @@ class TrainingMonitor:
 
     def on_eval(self, step: int, epoch: int, summary: dict[str, dict[str, Any]], seconds: float) -> None:
         start = time.perf_counter()
-        if step >= self.grace_step and "teacher" in summary and "student" in summary:
-            found = health_warnings({"miou/student": summary["student"]["miou"],
-                                     "miou/teacher": summary["teacher"]["miou"]}, self.rules)
-            self._check(step, found, "eval", 1)
+        if step >= self.grace_step:
+            stats = {f"spread/{name}": s["prediction_spread"] for name, s in summary.items()
+                     if s.get("prediction_spread") is not None}
+            if "teacher" in summary and "student" in summary:
+                stats.update({"miou/student": summary["student"]["miou"], "miou/teacher": summary["teacher"]["miou"]})
+            self._check(step, health_warnings(stats, self.rules), "eval", 1)
         if self.cfg.diag.panels > 0:
             try:
                 self.draw_panels(step)

@@ -151,7 +151,8 @@ def health_warnings(stats: dict[str, float], rules: HealthRules, best_selected: 
 
     Keys read when present: ``c_img``/``c_feat`` (raw alignment terms) and ``share/<term>``
     (weighted loss shares), ``sim/img_rand``, ``sim/feat_rand``, ``selected_t``,
-    ``teacher_distance``; at evaluations ``miou/student`` and ``miou/teacher``.
+    ``teacher_distance``; at evaluations ``miou/student``, ``miou/teacher`` and
+    ``spread/<network>`` (:func:`prediction_spread`).
     ``best_selected``: the highest ``selected_t`` before this step; ``progress``: the
     fraction of training done.
     """
@@ -192,12 +193,36 @@ def health_warnings(stats: dict[str, float], rules: HealthRules, best_selected: 
         out.append(HealthWarning("teacher_diverges",
                                  f"teacher and student parameters differ by {100 * dist:.0f}% (> "
                                  f"{100 * rules.max_teacher_distance:g}%)"))
+    narrow = {key.removeprefix("spread/"): v for key, v in stats.items()
+              if key.startswith("spread/") and math.isfinite(v) and v < rules.min_prediction_spread}
+    if narrow:
+        which = ", ".join(f"{name} {100 * v:.0f}%" for name, v in narrow.items())
+        out.append(HealthWarning("single_class",
+                                 "evaluation predicts almost one class everywhere: of the pixels whose truth is "
+                                 f"not the most-predicted class, another class goes to {which} (< "
+                                 f"{100 * rules.min_prediction_spread:g}%). If train-mode predictions look "
+                                 "right, suspect batch-norm running statistics; else the learning rate"))
     t_miou, s_miou = stats.get("miou/teacher"), stats.get("miou/student")
     if t_miou is not None and s_miou is not None and t_miou < s_miou - rules.max_teacher_gap:
         out.append(HealthWarning("teacher_diverges",
                                  f"teacher mIoU {t_miou:.1f} is more than {rules.max_teacher_gap:g} points below "
                                  f"the student's {s_miou:.1f}"))
     return out
+
+
+def prediction_spread(confusion: Tensor) -> float:
+    """How far an evaluation is from predicting one class everywhere (``confusion`` ``[C, C]``,
+    rows truth, columns prediction): the pixels predicted as anything but the most-predicted
+    class over the pixels whose truth is anything but that class. About 1 when the classes are
+    predicted as often as they occur, 0 when one class is predicted everywhere; NaN when the
+    truth is that one class alone (nothing to tell)."""
+    predicted = confusion.sum(dim=0)
+    dominant = int(predicted.argmax())
+    total = confusion.sum()
+    truth_other = total - confusion[dominant].sum()
+    if truth_other == 0:
+        return math.nan
+    return float((total - predicted[dominant]) / truth_other)
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
 An EMA teacher in eval mode labels the weak view; the two strong views are CutMix-ed with
 the image at the mirrored batch position and decoded in one student pass with complementary
-channel dropout (the model's ``forward(x, comp_drop=True)``). The release's teacher update
-is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads whichever rule is configured.
+channel dropout (the model's ``forward(x, comp_drop=True)``). That pass leaves batch-norm running
+statistics alone, which matters only on networks with batch norm (DeepLabV3+, not the released DPT).
+The release's teacher update is ``method.ema_rule: ramp`` (docs/method.md §8); the method reads
+whichever rule is configured.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dssn.method.diagnostics import (
     pseudo_label_statistics,
 )
 from dssn.method.settings import CPLGKeys, EMATeacherKeys, ThresholdKeys
+from dssn.models import frozen_bn_statistics
 
 
 class UniMatchV2Config(CPLGKeys, EMATeacherKeys, ThresholdKeys):
@@ -77,8 +80,12 @@ class UniMatchV2(Method):
         strong2 = from_partner(unlabeled.strong2, box2)
 
         # Student: the labeled batch alone, then both strong views in one complementary-dropout pass.
+        # Only the clean labeled pass moves batch-norm running statistics: features zeroed or doubled
+        # by the dropout inflate them, and evaluation then normalises clean features wrongly
+        # (docs/findings.md, finding 13). The release's DPT has no batch norm: there it changes nothing.
         logits_x = self.student(image_x)
-        logits1, logits2 = self.student(torch.cat((strong1, strong2)), comp_drop=True).chunk(2)
+        with frozen_bn_statistics(self.student_net):
+            logits1, logits2 = self.student(torch.cat((strong1, strong2)), comp_drop=True).chunk(2)
 
         # Targets of each strong view: the weak view's, with the partner's inside the same box.
         pseudo1, confidence1, ignore1 = (from_partner(t, box1) for t in (pseudo, confidence, ignore))

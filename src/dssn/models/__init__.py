@@ -11,6 +11,7 @@ from torch import nn
 from dssn.config import Config, ConfigError
 from dssn.models.deeplabv3plus import DeepLabV3Plus
 from dssn.models.dpt import DPT, DPT_BACKBONES
+from dssn.models.norm import frozen_bn_statistics
 from dssn.models.resnet import BACKBONES as RESNETS
 from dssn.models.resnet import ResNet, build_backbone
 from dssn.models.vit import PATCH_SIZE
@@ -35,6 +36,7 @@ __all__ = [
     "ResNet",
     "WeightsError",
     "build_backbone",
+    "frozen_bn_statistics",
     "load_backbone_weights",
     "load_state_dict_file",
     "load_weights",

@@ -8,13 +8,14 @@ ImageNet backbone files and full checkpoints load key for key:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from dssn.models.norm import frozen_bn_statistics
 
 __all__ = ["BackboneFeatures", "BasicBlock", "Bottleneck", "ResNet", "build_backbone", "BACKBONES"]
 
@@ -197,26 +198,10 @@ def _checkpointed(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if calls == 1:
             return fn(inp)
         owner = fn if isinstance(fn, nn.Module) else fn.__self__  # a stage, or the stem's method
-        with _frozen_bn_statistics(owner):  # the recomputation in backward
+        with frozen_bn_statistics(owner):  # the recomputation in backward
             return fn(inp)
 
     return checkpoint(run, x, use_reentrant=False)
-
-
-@contextmanager
-def _frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Batch norm still normalises with batch statistics, but momentum 0 keeps the running ones."""
-    saved = [(bn, bn.momentum, bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None)
-             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
-    for bn, _, _ in saved:
-        bn.momentum = 0.0
-    try:
-        yield
-    finally:
-        for bn, momentum, tracked in saved:
-            bn.momentum = momentum
-            if tracked is not None:
-                bn.num_batches_tracked.copy_(tracked)
 
 
 BACKBONES: dict[str, tuple[Block, list[int]]] = {

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from dssn.data.colors import class_colours
 from dssn.engine.rundir import RunData, RunFolderError, load_run
+from dssn.viz.paired import paired_by_seed, paired_lines, paired_table
 from dssn.viz.tables import markdown, score
 
 TIE = 0.05
@@ -38,6 +39,8 @@ class RunScore:
     miou: float
     per_class: dict[str, float | None]
     params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    """``train.seed`` of the run."""
 
 
 @dataclass
@@ -48,6 +51,9 @@ class Comparison:
     """class -> labels of the runs with the best IoU (empty: no run has a score, or all tie)."""
     swept: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    paired: dict[str, dict] = field(default_factory=dict)
+    """Each method against supervised training seed by seed (``viz.paired.paired_by_seed``); {}
+    unless the runs include supervised ones and at most one run per method and seed."""
 
     @property
     def wins(self) -> dict[str, list[str]]:
@@ -152,14 +158,24 @@ def load_scores(paths: list[str | Path], labels: list[str] | None = None, model:
         labels = _labels(runs, params, swept)
     scores = []
     class_names: list[str] = []
-    for run, label, p in zip(runs, labels, params):
+    for run, label, p, flat_cfg in zip(runs, labels, params, flat):
         used, s = _score(run, model)
         for n in run.class_names:
             if n not in class_names:
                 class_names.append(n)
         scores.append(RunScore(label, run.path, run.method, used, s["miou"] if s else float("nan"),
-                               dict(s["per_class"]) if s else {}, p))
+                               dict(s["per_class"]) if s else {}, p, flat_cfg.get("train.seed")))
     return scores, class_names, swept
+
+
+def pair_by_seed(scores: list[RunScore], swept: list[str]) -> dict[str, dict]:
+    """The runs of a demo (several methods on shared seeds): each method against supervised, seed
+    by seed. {} for a sweep, or where one method has two runs of one seed (which to pair?)."""
+    keys = [(r.method, r.seed) for r in scores if r.seed is not None and math.isfinite(r.miou)]
+    if swept or len(set(keys)) < len(keys):
+        return {}
+    return paired_by_seed([{"method": r.method, "seed": r.seed, "miou": r.miou} for r in scores
+                           if r.seed is not None and math.isfinite(r.miou)])
 
 
 def compare_runs(paths: list[str | Path], out_dir: str | Path | None = None, labels: list[str] | None = None,
@@ -172,7 +188,8 @@ def compare_runs(paths: list[str | Path], out_dir: str | Path | None = None, lab
     mIoU against (default: a sweep folder's axes).
     """
     scores, class_names, swept = load_scores(paths, labels, model, against)
-    comparison = Comparison(scores, class_names, find_winners(scores, class_names, tie), swept)
+    comparison = Comparison(scores, class_names, find_winners(scores, class_names, tie), swept,
+                            paired=pair_by_seed(scores, swept))
     first = load_run(scores[0].path)
     palette = first.palette
     if out_dir is not None:
@@ -210,6 +227,7 @@ def format_table(c: Comparison) -> str:
     best = c.best()
     if c.swept:
         lines.append(f"best: {best.label} (mIoU {best.miou:.2f})")
+    lines += paired_lines(c.paired, c.runs[0].model)
     return "\n".join(lines)
 
 
@@ -241,6 +259,12 @@ def _write_markdown(c: Comparison, path: Path) -> Path:
         best = c.best()
         lines += ["", f"Swept: {', '.join(c.swept)}. Best: **{best.label}** (mIoU {best.miou:.2f}).",
                   "", "![mIoU against the swept values](sweep.png)"]
+    if c.paired:
+        lines += ["", "## Paired by seed", "",
+                  f"Each method's {c.runs[0].model} mIoU minus supervised training's of the same seed; the "
+                  "standard error is the differences' sample standard deviation over the square root of "
+                  "their number.", "", paired_table(c.paired, c.runs[0].model), "",
+                  *(f"- {line}" for line in paired_lines(c.paired, c.runs[0].model))]
     lines += ["", "![comparison](compare.png)", ""]
     path.write_text("\n".join(lines))
     return path

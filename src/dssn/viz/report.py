@@ -178,7 +178,9 @@ def _rules_note(run: RunData) -> str:
             f"selected fraction fell below {d['collapse_ratio']:g} of its best (collapsing) or is below "
             f"{100 * d['min_selected']:g}% half-way through training (starved); the teacher-student parameter "
             f"distance is above {100 * d['max_teacher_distance']:g}% or the teacher's mIoU is "
-            f"{d['max_teacher_gap']:g} points below the student's at an evaluation (teacher diverging).</p>")
+            f"{d['max_teacher_gap']:g} points below the student's at an evaluation (teacher diverging); of the "
+            "pixels whose truth is not a network's most-predicted class, under "
+            f"{100 * d['min_prediction_spread']:g}% get another class at an evaluation (single class).</p>")
 
 
 def build_html(run: RunData) -> str:

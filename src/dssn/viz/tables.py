@@ -23,3 +23,4 @@ def aligned(head: Sequence[str], rows: Sequence[Sequence[str]], min_width: int =
     widths = [max(min_width, *(len(r[i]) for r in table)) for i in range(len(head))]
     return "\n".join("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in table)
+
