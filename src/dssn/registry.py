@@ -1,4 +1,4 @@
-"""Name tables: ``model.name`` and ``method.name`` -> what builds it.
+"""Name tables: ``model.name`` and ``method.name`` -> what builds it; ``model.backbone`` -> its network.
 
 ``dssn.models`` and ``dssn.method`` fill them as they are imported (which importing
 ``dssn`` does), so the config, the command line and the builders read one list.
@@ -55,3 +55,5 @@ class Registry(Generic[T]):
 
 MODELS: Registry = Registry("model.name")
 METHODS: Registry = Registry("method.name")
+BACKBONES: Registry = Registry("model.backbone")
+"""``model.backbone`` name -> the ``model.name`` that takes it."""

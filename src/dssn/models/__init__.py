@@ -1,7 +1,8 @@
 """Segmentation networks and safe weight loading.
 
 Each network is built from the config by the entry ``model.name`` names in ``MODELS``:
-``deeplabv3plus`` (ResNet-v1c, the paper's) and ``dpt`` (DINOv2 + DPT, UniMatch V2's).
+``deeplabv3plus`` (ResNet-v1c, the paper's) and ``dpt`` (DINOv2 or DINOv3 + DPT, UniMatch V2's).
+``BACKBONES`` names the encoders each takes (``model.backbone``).
 """
 
 from torch import nn
@@ -18,9 +19,10 @@ from dssn.models.weights import (
     load_state_dict_file,
     load_weights,
 )
-from dssn.registry import MODELS
+from dssn.registry import BACKBONES, MODELS
 
 __all__ = [
+    "BACKBONES",
     "MODELS",
     "build_model",
     "check_model_config",
@@ -36,20 +38,22 @@ __all__ = [
 ]
 
 
-# The backbones each built-in network takes.
-_BACKBONES = {"deeplabv3plus": RESNETS, "dpt": DPT_BACKBONES}
-
-
 def check_model_config(cfg: Config) -> None:
     """``ConfigError`` naming the keys when the built-in ``model.name`` cannot take the other
     ``model.*`` settings; cheap, so that training refuses before it writes anything."""
     m = cfg.model
-    choices = _BACKBONES.get(m.name)
-    if choices is not None and m.backbone not in choices:
+    takes = [b for b in BACKBONES if BACKBONES[b] == m.name]  # empty: a network of the user's
+    if takes and m.backbone not in takes:
+        choices = takes
         raise ConfigError(f"model.backbone '{m.backbone}' does not fit model.name '{m.name}'; "
                           f"it takes {', '.join(sorted(choices))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
-        raise ConfigError("model.lock_backbone is for the DINOv2 encoders (model.name=dpt)")
+        raise ConfigError("model.lock_backbone is for the ViT encoders (model.name=dpt)")
+    if m.backbone.startswith("dinov3_") and m.registers:
+        raise ConfigError(f"model.registers is DINOv2's; {m.backbone} has its own 4 storage tokens: "
+                          "set model.registers=0")
+    if m.rope_rescale is not None and not m.backbone.startswith("dinov3_"):
+        raise ConfigError(f"model.rope_rescale is for the DINOv3 encoders; {m.backbone} has no RoPE")
 
 
 def build_deeplabv3plus(cfg: Config) -> DeepLabV3Plus:
@@ -66,13 +70,18 @@ def build_dpt(cfg: Config) -> DPT:
     check_model_config(cfg)
     m = cfg.model
     model = DPT(cfg.data.num_classes, backbone=m.backbone, registers=m.registers,
-                pretrained=m.pretrained, feature_dropout=m.feature_dropout, lock_backbone=m.lock_backbone)
+                pretrained=m.pretrained, feature_dropout=m.feature_dropout, lock_backbone=m.lock_backbone,
+                rope_rescale=m.rope_rescale)
     model.backbone.checkpoint_blocks = m.checkpoint_backbone
     return model
 
 
 MODELS.add("deeplabv3plus", build_deeplabv3plus)
 MODELS.add("dpt", build_dpt)
+for _name in RESNETS:
+    BACKBONES.add(_name, "deeplabv3plus")
+for _name in DPT_BACKBONES:
+    BACKBONES.add(_name, "dpt")
 
 
 def build_model(cfg: Config) -> nn.Module:

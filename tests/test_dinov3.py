@@ -1,0 +1,167 @@
+"""The DINOv3 ViT/16 encoder (SPEC 10.1, docs/method.md §2.5) against the official code.
+
+The truth: ``shared/reference/dinov3``, two tiny official ``DinoVisionTransformer``s (GELU MLP
+and SwiGLU) run by ``facebookresearch/dinov3`` on two non-square inputs, and the key lists and
+shapes of every released backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from dssn.models import WeightsError
+from dssn.models.vit import (
+    DINOV3_SIZES,
+    DinoV3VisionTransformer,
+    RopePositionEmbedding,
+    build_dinov3,
+    build_encoder,
+    load_dinov2_weights,
+)
+from shared_reference import reference_or_skip
+
+# The released hub names of each size (dinov3_keys.json).
+OFFICIAL_NAMES = {"s": "dinov3_vits16", "splus": "dinov3_vits16plus", "b": "dinov3_vitb16",
+                  "l": "dinov3_vitl16", "l_sat": "dinov3_vitl16_sat493m", "hplus": "dinov3_vith16plus",
+                  "7b": "dinov3_vit7b16"}
+TINY = {"mlp": {"ffn": "mlp", "mlp_ratio": 4.0}, "swiglu": {"ffn": "swiglu", "mlp_ratio": 6.0}}
+
+
+@pytest.fixture(scope="module")
+def reference() -> Path:
+    return reference_or_skip("dinov3")
+
+
+@pytest.fixture(scope="module")
+def vectors(reference: Path) -> dict[str, Tensor]:
+    return load_file(reference / "vectors.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_v3(ffn: str, **kwargs) -> DinoV3VisionTransformer:
+    """reference/dinov3's tiny models: width 64, depth 4, 4 heads, 4 storage tokens."""
+    return DinoV3VisionTransformer(64, 4, 4, out_indices=(0, 1, 2, 3), **TINY[ffn], **kwargs)
+
+
+def weights(vectors: dict[str, Tensor], tag: str) -> dict[str, Tensor]:
+    prefix = f"{tag}.weights."
+    return {k.removeprefix(prefix): v for k, v in vectors.items() if k.startswith(prefix)}
+
+
+def shapes(state: dict[str, Tensor]) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_tiny_official_models_are_reproduced(vectors, ffn: str, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pth"
+    torch.save(weights(vectors, ffn), path)
+    encoder = tiny_v3(ffn).eval()
+    report = load_dinov2_weights(encoder, path)  # the official file format, key-exactly
+    assert report.ok and report.loaded == len(weights(vectors, ffn))
+    for i in (0, 1):
+        x = vectors[f"{ffn}.input{i}"]
+        rows, cols = x.shape[-2] // 16, x.shape[-1] // 16
+        with torch.no_grad():
+            layers = encoder.get_intermediate_layers(x, [0, 1, 2, 3], return_class_token=True,
+                                                     return_extra_tokens=True)
+            prenorm = encoder.get_intermediate_layers(x, [3], norm=False)[0]
+            sin, cos = encoder.rope_embed(rows, cols)
+        expect = f"{ffn}.input{i}"
+        for j, (patches, cls, storage) in enumerate(layers):
+            grid = patches.transpose(1, 2).reshape(x.shape[0], 64, rows, cols)
+            torch.testing.assert_close(grid, vectors[f"{expect}.layer{j}"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(cls, vectors[f"{expect}.cls{j}"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(storage, vectors[f"{expect}.storage{j}"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(prenorm, vectors[f"{expect}.prenorm3"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(sin, vectors[f"{expect}.rope_sin"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cos, vectors[f"{expect}.rope_cos"], rtol=0, atol=1e-5)
+        # forward: the normed patch tokens of out_indices, as the DPT head reads them
+        with torch.no_grad():
+            assert all(torch.equal(a, b[0]) for a, b in zip(encoder(x), layers))
+
+
+def test_rope_tables_by_hand() -> None:
+    """SPEC 10.1's formula on a 1x2 grid with head width 8: periods 100^(0, 1/2) = (1, 10);
+    column centres -1/2 and 1/2, the single row's 0."""
+    rope = RopePositionEmbedding(8)
+    torch.testing.assert_close(rope.periods, torch.tensor([1.0, 10.0]))
+    sin, cos = rope(1, 2)
+    angles = torch.tensor([[0.0, 0.0, -math.pi, -math.pi / 10], [0.0, 0.0, math.pi, math.pi / 10]])
+    torch.testing.assert_close(sin, angles.tile(2).sin())
+    torch.testing.assert_close(cos, angles.tile(2).cos())
+
+
+def test_rope_rescale_only_in_training() -> None:
+    """``rescale=2``: in training, one factor f in [1/2, 2] multiplies every coordinate; in eval,
+    and with the default (None) always, the tables are the true positions'."""
+    rope, plain = RopePositionEmbedding(8, rescale=2.0), RopePositionEmbedding(8)
+    true_sin, true_cos = plain(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(rope.eval()(1, 2), (true_sin, true_cos)))
+    assert all(torch.equal(a, b) for a, b in zip(plain.train()(1, 2), (true_sin, true_cos)))
+    rope.train()
+    torch.manual_seed(0)
+    factors = []
+    for _ in range(20):
+        sin, cos = rope(1, 2)
+        # column 1's angle for period 10 is 2 pi * 0.5 * f / 10, below pi / 2 for f <= 2
+        factor = torch.asin(sin[1, 3]).item() / (0.1 * math.pi)
+        assert 0.5 - 1e-6 <= factor <= 2 + 1e-6
+        angles = torch.tensor([[0.0, 0.0, -math.pi, -math.pi / 10], [0.0, 0.0, math.pi, math.pi / 10]])
+        torch.testing.assert_close(sin, (angles * factor).tile(2).sin())
+        torch.testing.assert_close(cos, (angles * factor).tile(2).cos())
+        factors.append(factor)
+    assert min(factors) < 0.9 and max(factors) > 1.1  # drawn anew each forward, both ways
+
+
+@pytest.mark.parametrize("size", sorted(OFFICIAL_NAMES))
+def test_every_size_has_the_official_keys(reference: Path, size: str) -> None:
+    official = json.loads((reference / "dinov3_keys.json").read_text())[OFFICIAL_NAMES[size]]
+    with torch.device("meta"):
+        encoder = build_dinov3(size)
+    assert shapes(encoder.state_dict()) == official
+
+
+def test_encoder_names() -> None:
+    assert set(DINOV3_SIZES) >= {"s", "splus", "b", "l", "hplus", "7b"}
+    with torch.device("meta"):
+        assert isinstance(build_encoder("dinov3_b"), DinoV3VisionTransformer)
+        with pytest.raises(ValueError, match="registers"):
+            build_encoder("dinov3_s", registers=4)
+        with pytest.raises(ValueError, match="rope_rescale"):
+            build_encoder("dinov2_s", rope_rescale=2.0)
+
+
+def test_a_file_of_another_size_is_refused(vectors, tmp_path: Path) -> None:
+    path = tmp_path / "swiglu.pth"
+    torch.save(weights(vectors, "swiglu"), path)
+    with pytest.raises(WeightsError, match="blocks.0.mlp.w1.weight"):
+        load_dinov2_weights(tiny_v3("mlp"), path)
+
+
+def test_checkpointed_blocks_give_the_same_gradients(vectors) -> None:
+    encoder = tiny_v3("mlp")
+    encoder.load_state_dict(weights(vectors, "mlp"))
+    x = vectors["mlp.input1"]
+    grads = []
+    for flag in (False, True):
+        encoder.zero_grad()
+        encoder.checkpoint_blocks = flag
+        sum(t.square().sum() for t in encoder(x)).backward()
+        grads.append(encoder.patch_embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
