@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from dssn.models import WeightsError
+from dssn.apps.export import export_onnx
+from dssn.config import ConfigError, load_config
+from dssn.models import DPT, WeightsError, build_model
 from dssn.models.vit import (
     DINOV3_SIZES,
     DinoV3VisionTransformer,
@@ -165,3 +167,72 @@ def test_checkpointed_blocks_give_the_same_gradients(vectors) -> None:
         sum(t.square().sum() for t in encoder(x)).backward()
         grads.append(encoder.patch_embed.proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------- DPT on patch 16 (SPEC 10.2)
+
+
+@pytest.mark.parametrize("size, head", [("s", "small"), ("b", "base")])
+def test_dpt_keys_are_the_official_encoder_and_unimatch_v2s_head(reference: Path, size: str, head: str) -> None:
+    """The full network: the released encoder's keys under ``backbone.``, and UniMatch V2's head
+    of the matching DINOv2 size (its released key lists, 21 classes)."""
+    encoder = json.loads((reference / "dinov3_keys.json").read_text())[OFFICIAL_NAMES[size]]
+    unimatch = json.loads((reference.parent / "dinov2" / "unimatch_v2_dpt_keys.json").read_text())
+    heads = {k: v for k, v in unimatch[f"unimatch_v2_dpt_{head}"].items() if k.startswith("head.")}
+    with torch.device("meta"):
+        model = DPT(21, backbone=f"dinov3_{size}")
+    assert shapes(model.state_dict()) == {**{f"backbone.{k}": v for k, v in encoder.items()}, **heads}
+
+
+def test_dpt_sides_round_to_multiples_of_16() -> None:
+    """A 40x70 image runs at 48x64 (int(side / 16 + 0.5) * 16) and its logits come back at 40x70."""
+    torch.manual_seed(0)
+    model = DPT(3, backbone="dinov3_tiny").eval()
+    seen = []
+    model.backbone.patch_embed.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 40, 70))
+    assert seen == [(48, 64)] and logits.shape == (1, 3, 40, 70)
+
+
+def test_rope_rescale_changes_training_never_eval(vectors) -> None:
+    torch.manual_seed(0)
+    plain = DPT(3, backbone="dinov3_tiny")
+    plain.backbone.load_state_dict(weights(vectors, "mlp"))  # trained-like scales: positions matter
+    rescaled = DPT(3, backbone="dinov3_tiny", rope_rescale=2.0)
+    rescaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), rescaled.eval()(x))
+        torch.manual_seed(1)
+        train_plain = plain.train()(x)
+        assert torch.equal(train_plain, plain(x))  # off: the training forward is deterministic
+        torch.manual_seed(1)
+        assert not torch.equal(rescaled.train()(x), train_plain)
+        torch.manual_seed(1)
+        tokens_plain, tokens_rescaled = plain.backbone(x)[-1], rescaled.backbone(x)[-1]
+        assert (tokens_rescaled - tokens_plain).abs().max() > 1e-3  # float noise is ~1e-6
+    cfg = load_config("pascal-dinov3", ["model.backbone=dinov3_tiny", "model.pretrained=null",
+                                         "model.rope_rescale=2"])
+    assert build_model(cfg).backbone.rope_embed.rescale == 2.0
+    with pytest.raises(ConfigError, match="rope_rescale is for the DINOv3"):
+        build_model(load_config("pascal-dinov2", ["model.pretrained=null", "model.rope_rescale=2"]))
+    with pytest.raises(ConfigError, match="registers"):
+        build_model(load_config("pascal-dinov3", ["model.pretrained=null", "model.registers=4"]))
+
+
+def test_onnx_export_follows_the_input_size(tmp_path: Path) -> None:
+    """The RoPE tables are built from the traced patch grid, so the exported graph runs at sizes
+    it was not traced at (rounded to multiples of 16 and back)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = DPT(5, backbone="dinov3_tiny").eval()
+    path = tmp_path / "dpt.onnx"
+    assert export_onnx(model, path, (32, 64), {}) <= 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in ((48, 80), (60, 30)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

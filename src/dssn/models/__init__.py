@@ -48,7 +48,7 @@ def check_model_config(cfg: Config) -> None:
         raise ConfigError(f"model.backbone '{m.backbone}' does not fit model.name '{m.name}'; "
                           f"it takes {', '.join(sorted(choices))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
-        raise ConfigError("model.lock_backbone is for the ViT encoders (model.name=dpt)")
+        raise ConfigError("model.lock_backbone is for the DINOv2 and DINOv3 encoders (model.name=dpt)")
     if m.backbone.startswith("dinov3_") and m.registers:
         raise ConfigError(f"model.registers is DINOv2's; {m.backbone} has its own 4 storage tokens: "
                           "set model.registers=0")
