@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from data_fixtures import make_ade20k_raw, make_cityscapes_raw, make_coco_raw, make_voc
 from dssn.apps.export import export_onnx
@@ -31,6 +32,7 @@ from dssn.engine.trainer import build_optimizer, build_training, optimizer_step
 from dssn.method import Batch
 from dssn.models import DPT, build_model
 from dssn.models.vit import build_dinov2
+from shared_reference import reference_or_skip
 
 CROP = 28
 TINY_DPT = ["model.backbone=dinov2_tiny", "model.pretrained=null", f"data.crop_size={CROP}",
@@ -171,6 +173,25 @@ def test_pretrained_encoder_file_loads_through_the_config(voc, tmp_path: Path, c
                  f"model.pretrained={weights}"]) == 2
     err = capsys.readouterr().err
     assert "blocks.0.norm1.weight" in err and "blocks.0.norm_1.weight" in err and "Traceback" not in err
+
+
+def test_transformers_layout_dinov3_folder_trains_through_the_config(voc, tmp_path: Path) -> None:
+    """``model.pretrained`` pointing at a Hugging Face model folder of a DINOv3 (reference/hf's
+    tiny one, the shape of ``dinov3_tiny``): converted to the official names and trained."""
+    vectors = load_file(reference_or_skip("hf") / "vectors.safetensors")
+    hf = {k.removeprefix("dinov3.weights."): v for k, v in vectors.items() if k.startswith("dinov3.weights.")}
+    folder = tmp_path / "dinov3-tiny-hf"
+    folder.mkdir()
+    save_file(hf, str(folder / "model.safetensors"))
+    run_dir = tmp_path / "run"
+    assert main(["train", "pascal-dinov3", *voc, f"run_dir={run_dir}", *TINY_DINOV3,
+                 f"model.pretrained={folder}"]) == 0
+    student = load_checkpoint(run_dir / "last.pt")["models"]["student"]
+    # One AdamW step at lr 5e-6 moves a weight by about 5e-6.
+    torch.testing.assert_close(student["backbone.blocks.1.attn.qkv.weight"],
+                               torch.cat([hf[f"model.layer.1.attention.{p}_proj.weight"] for p in "qkv"]),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(student["backbone.storage_tokens"], hf["embeddings.register_tokens"], rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- eval, predict, export

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dssn.models.perturb import FEATURE_DROPOUT_MODES, check_forward_options, comp_drop_masks, stream_keep_masks
-from dssn.models.vit import ENCODERS, VisionTransformer, build_encoder, encoder_size, load_dinov2_weights
+from dssn.models.vit import ENCODERS, VisionTransformer, build_encoder, encoder_size, load_encoder_weights
 
 __all__ = ["DPT", "DPTHead", "DPT_BACKBONES", "DPT_WIDTHS", "DPTWidths"]
 
@@ -221,7 +221,7 @@ class DPT(nn.Module):
         self.feature_dropout = feature_dropout
         self.backbone = encoder
         if pretrained is not None:
-            load_dinov2_weights(self.backbone, pretrained)
+            load_encoder_weights(self.backbone, pretrained)
         self.head = DPTHead(num_classes, encoder.embed_dim, features, tuple(out_channels))
         self.lock_backbone = lock_backbone
 

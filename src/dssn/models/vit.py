@@ -24,7 +24,6 @@ eps 1e-5, GELU MLP or SwiGLU (``mlp.w1``, ``mlp.w2``, ``mlp.w3``).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -52,9 +51,8 @@ __all__ = [
     "build_encoder",
     "encoder_size",
     "load_dinov2_weights",
+    "load_encoder_weights",
 ]
-
-logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 14
 _IMG_SIZE = 518  # the pretraining resolution: pos_embed holds 37x37 patch positions
@@ -693,14 +691,15 @@ def encoder_size(name: str) -> ViTSize:
     return (DINOV2_SIZES if family == "dinov2" else DINOV3_SIZES)[size]
 
 
-def load_dinov2_weights(
-    encoder: VisionTransformer, path: str | os.PathLike[str]
-) -> LoadReport:
-    """Load an official ``dinov2_vit*14[_reg4]_pretrain.pth`` or ``dinov3_vit*16_pretrain_*.pth``
-    (or the ``backbone.*`` part of a full segmentation checkpoint) key-exactly; any missing,
-    unexpected or mis-shaped key raises :class:`~dssn.models.weights.WeightsError` naming it,
-    before anything is copied."""
-    report = load_backbone_weights(encoder, path)
-    family = "DINOv3" if isinstance(encoder, DinoV3VisionTransformer) else "DINOv2"
-    logger.info("loaded %d %s tensors from %s", report.loaded, family, path)
-    return report
+def load_encoder_weights(encoder: VisionTransformer, path: str | os.PathLike[str]) -> LoadReport:
+    """Load an encoder's weights key-exactly, in any form users have them (SPEC 10.3): an
+    official ``dinov2_vit*14[_reg4]_pretrain.pth`` or ``dinov3_vit*16_pretrain_*.pth``, the
+    ``backbone.*`` part of a full segmentation checkpoint, or the ``transformers`` layout
+    (``model.safetensors`` / ``pytorch_model.bin`` or their folder, with or without a task
+    model's prefix), converted exactly. Any missing, unexpected or mis-shaped key raises
+    :class:`~dssn.models.weights.WeightsError` naming it, before anything is copied; the log
+    says which form was found and what was converted."""
+    return load_backbone_weights(encoder, path)
+
+
+load_dinov2_weights = load_encoder_weights  # the name before DINOv3 arrived
