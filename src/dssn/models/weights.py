@@ -255,11 +255,12 @@ def load_state_dict(
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
-    """Load ImageNet weights in the released naming into a backbone.
+    """Load ImageNet weights (or a DINO encoder) in the released naming into a backbone.
 
     Keys may carry a ``backbone.`` prefix (then all other keys, e.g. a
-    segmentation head, are ignored). A ``transformers``-layout DINO encoder is converted to the
-    official names first (:mod:`dssn.models.hf_layout`; a task model's head is ignored). The ImageNet classifier ``fc.*`` is
+    segmentation head, are ignored). A ``transformers``-layout DINO encoder is
+    converted to the official names first (:mod:`dssn.models.hf_layout`; a task
+    model's head is ignored). The ImageNet classifier ``fc.*`` is
     dropped on purpose. Both show up in ``report.ignored``. Any other
     mismatch raises :class:`WeightsError`, except missing BN
     ``num_batches_tracked`` counters, which older files lack and which do
