@@ -5,6 +5,7 @@ Each network is built from the config by the entry ``model.name`` names in ``MOD
 ``BACKBONES`` names the encoders each takes (``model.backbone``).
 """
 
+import torch
 from torch import nn
 
 from dssn.config import Config, ConfigError
@@ -15,6 +16,7 @@ from dssn.models.resnet import ResNet, build_backbone
 from dssn.models.weights import (
     LoadReport,
     WeightsError,
+    check_backbone_weights,
     load_backbone_weights,
     load_state_dict_file,
     load_weights,
@@ -26,6 +28,7 @@ __all__ = [
     "MODELS",
     "build_model",
     "check_model_config",
+    "check_pretrained",
     "DeepLabV3Plus",
     "DPT",
     "LoadReport",
@@ -87,6 +90,18 @@ for _name in DPT_BACKBONES:
 def build_model(cfg: Config) -> nn.Module:
     """The network a ``dssn.config.Config`` describes."""
     return MODELS[cfg.model.name](cfg)
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Fetch ``model.pretrained`` if it is a name, URL or ``hf:`` repository not cached yet, and
+    check that it fits the built-in network's backbone key for key (on the meta device: nothing
+    is allocated or copied), so that training refuses a bad file before it makes a run folder."""
+    m = cfg.model
+    if m.pretrained is None or m.name not in ("deeplabv3plus", "dpt"):
+        return
+    with torch.device("meta"):
+        network = build_model(cfg.model_copy(update={"model": m.model_copy(update={"pretrained": None})}))
+    check_backbone_weights(network.backbone, m.pretrained)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

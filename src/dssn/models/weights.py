@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from dssn.errors import DssnError
 from dssn.models.hf_layout import convert_transformers, is_transformers_layout
+from dssn.models.sources import is_remote, resolve_weights
 
 __all__ = [
     "LoadReport",
     "WeightsError",
+    "check_backbone_weights",
     "load_backbone_weights",
     "load_state_dict",
     "load_state_dict_file",
@@ -83,7 +85,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
     ``path`` is a PyTorch file (``.pth``, ``.pt``, ``.bin``; read with ``weights_only=True``), a
     ``.safetensors`` file, a sharded ``*.index.json``, or a ``transformers`` model folder
-    (``model.safetensors``, else ``pytorch_model.bin``, or their sharded indexes)."""
+    (``model.safetensors``, else ``pytorch_model.bin``, or their sharded indexes). A released
+    file's name, a URL or ``hf:<org>/<repo>`` is fetched first (:mod:`dssn.models.sources`)."""
+    if is_remote(path):
+        path = resolve_weights(path)
     path = Path(path)
     if path.is_dir():
         found = next((path / name for name in _FOLDER_FILES if (path / name).is_file()), None)
@@ -266,6 +271,23 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> 
     ``num_batches_tracked`` counters, which older files lack and which do
     not affect the network (they stay listed in ``report.missing``).
     """
+    report, matching, layout = _backbone_state(backbone, path)
+    if report.ignored:
+        logger.info("ignored %d keys from %s: %s", len(report.ignored), path, _listing("keys", report.ignored))
+    logger.info("%s: %s; %d tensors loaded", path, layout, len(matching))
+    return _apply(backbone, matching, report)
+
+
+def check_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
+    """What :func:`load_backbone_weights` would load, raising as it would, without copying (the
+    backbone may be on the meta device): so that training can refuse a file before it makes a
+    run folder. A name or URL is downloaded here."""
+    return _backbone_state(backbone, path)[0]
+
+
+def _backbone_state(
+    backbone: nn.Module, path: str | os.PathLike[str]
+) -> tuple[LoadReport, dict[str, Tensor], str]:
     state = load_state_dict_file(path)
     ignored: list[str] = []
     layout = "official names"
@@ -287,7 +309,4 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> 
     serious_missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]
     if serious_missing or report.unexpected or report.mismatched:
         raise WeightsError(f"{path} does not match the backbone: {_describe(report)}")
-    if ignored:
-        logger.info("ignored %d keys from %s: %s", len(ignored), path, _listing("keys", ignored))
-    logger.info("%s: %s; %d tensors loaded", path, layout, len(matching))
-    return _apply(backbone, matching, report)
+    return report, matching, layout
