@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
 
 
 def find_reference(name: str) -> Path | None:
@@ -27,3 +31,18 @@ def reference_or_skip(name: str) -> Path:
         pytest.skip(f"reference outputs of the official code not found: set DSSN_SHARED to the folder "
                     f"holding reference/{name}")
     return found
+
+
+def reference_vectors(name: str) -> dict[str, Tensor]:
+    """``reference/<name>/vectors.safetensors`` (tensors only, no pickle), or a clean skip."""
+    return load_file(reference_or_skip(name) / "vectors.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads on a shared machine (autouse in the modules
+    that import it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from dssn.apps.export import export_onnx
@@ -28,7 +26,7 @@ from dssn.models.vit import (
     build_encoder,
     load_dinov2_weights,
 )
-from shared_reference import reference_or_skip
+from shared_reference import reference_or_skip, reference_vectors, single_thread  # noqa: F401 (autouse)
 
 # The released hub names of each size (dinov3_keys.json).
 OFFICIAL_NAMES = {"s": "dinov3_vits16", "splus": "dinov3_vits16plus", "b": "dinov3_vitb16",
@@ -43,16 +41,8 @@ def reference() -> Path:
 
 
 @pytest.fixture(scope="module")
-def vectors(reference: Path) -> dict[str, Tensor]:
-    return load_file(reference / "vectors.safetensors")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def vectors() -> dict[str, Tensor]:
+    return reference_vectors("dinov3")
 
 
 def tiny_v3(ffn: str, **kwargs) -> DinoV3VisionTransformer:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from dssn import load_weights
@@ -28,7 +28,7 @@ from dssn.models.vit import (
     build_dinov3,
     load_encoder_weights,
 )
-from shared_reference import reference_or_skip
+from shared_reference import reference_or_skip, reference_vectors, single_thread  # noqa: F401 (autouse)
 
 TINY: dict[str, Callable[[], VisionTransformer]] = {
     "dinov2": lambda: DinoVisionTransformer(48, 4, 3, img_size=98, out_indices=(0, 1, 2, 3)),
@@ -53,8 +53,8 @@ def reference() -> Path:
 
 
 @pytest.fixture(scope="module")
-def vectors(reference: Path) -> dict[str, Tensor]:
-    return load_file(reference / "vectors.safetensors")
+def vectors() -> dict[str, Tensor]:
+    return reference_vectors("hf")
 
 
 def hf_state(vectors: dict[str, Tensor], tag: str) -> dict[str, Tensor]:
