@@ -48,7 +48,7 @@ class _Server:
                     value = str(int(value) + 1000)
                 super().send_header(keyword, value)
 
-            def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+            def do_GET(self) -> None:
                 server.requests.append(self.path)
                 super().do_GET()
 
@@ -166,7 +166,7 @@ def test_a_name_offline_stops_training_before_a_run_folder(tmp_path: Path, hub_c
 
 
 def test_a_url_trains_through_the_config(server: _Server, tmp_path: Path, hub_cache: Path) -> None:
-    path, state = _weights(server.root)
+    path, _ = _weights(server.root)
     root = make_voc(tmp_path / "VOC2012")
     splits = tmp_path / "splits"
     assert main(["splits", "pascal", str(root), "--labeled", "2", "--out", str(splits)]) == 0
