@@ -99,6 +99,15 @@ def _weights(folder: Path, stem: str = "dinov3_tiny_pretrain") -> tuple[Path, di
     return path, state
 
 
+def _voc(tmp_path: Path) -> list[str]:
+    """Overrides pointing a PASCAL preset at a tiny generated VOC folder and its splits."""
+    root = make_voc(tmp_path / "VOC2012")
+    splits = tmp_path / "splits"
+    assert main(["splits", "pascal", str(root), "--labeled", "2", "--out", str(splits)]) == 0
+    return [f"data.root={root}", f"data.labeled_split={splits}/labeled.txt",
+            f"data.unlabeled_split={splits}/unlabeled.txt", f"data.val_split={splits}/val.txt"]
+
+
 def _leftovers(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
 
@@ -156,9 +165,8 @@ def test_a_name_offline_stops_training_before_a_run_folder(tmp_path: Path, hub_c
     """``model.pretrained=dinov2_vits14`` with no network (its address made unreachable here)."""
     url = f"http://127.0.0.1:{_closed_port()}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
     monkeypatch.setitem(sources.PUBLIC_WEIGHTS, "dinov2_vits14", url)
-    root = make_voc(tmp_path / "VOC2012")
     run_dir = tmp_path / "run"
-    assert main(["train", "pascal-dinov2", f"data.root={root}", f"run_dir={run_dir}",
+    assert main(["train", "pascal-dinov2", *_voc(tmp_path), f"run_dir={run_dir}",
                  "model.pretrained=dinov2_vits14", "data.num_workers=0"]) == 2
     err = capsys.readouterr().err
     assert url in err and str(hub_cache / "dinov2_vits14_pretrain.pth") in err and "Traceback" not in err
@@ -167,13 +175,9 @@ def test_a_name_offline_stops_training_before_a_run_folder(tmp_path: Path, hub_c
 
 def test_a_url_trains_through_the_config(server: _Server, tmp_path: Path, hub_cache: Path) -> None:
     path, _ = _weights(server.root)
-    root = make_voc(tmp_path / "VOC2012")
-    splits = tmp_path / "splits"
-    assert main(["splits", "pascal", str(root), "--labeled", "2", "--out", str(splits)]) == 0
     run_dir = tmp_path / "run"
-    assert main(["train", "pascal-dinov3", f"data.root={root}", f"run_dir={run_dir}", *TINY_DINOV3,
-                 f"data.labeled_split={splits}/labeled.txt", f"data.unlabeled_split={splits}/unlabeled.txt",
-                 f"data.val_split={splits}/val.txt", f"model.pretrained={server.url}/{path.name}"]) == 0
+    assert main(["train", "pascal-dinov3", *_voc(tmp_path), f"run_dir={run_dir}", *TINY_DINOV3,
+                 f"model.pretrained={server.url}/{path.name}"]) == 0
     assert len(server.requests) == 1 and (hub_cache / path.name).is_file()
 
 

@@ -470,16 +470,16 @@ def train(cfg: Config) -> TrainResult:
     dist, created_group = init_distributed(resolve_device(cfg.train.device))
     try:
         check_model_config(cfg)  # a network the config cannot build: refused before any folder exists
-        # Encoder weights fetched (a name, URL or hf: repository) and checked against the network
-        # before any folder exists; the other ranks then read the cache (or fetch on their machine).
-        run_on_main(lambda: check_pretrained(cfg), dist)
-        if not dist.is_main:
-            check_pretrained(cfg)
         # Fast data check first: stop before a run folder or model exists. Rank 0 goes first (it may
         # generate the built-in dataset), then the others check their own copy (other machines).
         run_on_main(lambda: check_before_training(cfg), dist)
         if not dist.is_main:
             check_before_training(cfg)
+        # Then the encoder weights: fetched (a name, URL or hf: repository) and checked against the
+        # network before any folder exists; the other ranks read the cache (or fetch on their machine).
+        run_on_main(lambda: check_pretrained(cfg), dist)
+        if not dist.is_main:
+            check_pretrained(cfg)
 
         opened: dict[str, Any] = {}
 
