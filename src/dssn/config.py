@@ -44,8 +44,10 @@ class ModelConfig(_Section):
     """DINOv3: in training, multiply the RoPE coordinates by a random log-uniform factor in
     [1/r, r] (the pre-training augmentation; 2.0 there). Off by default; evaluation never."""
     pretrained: str | None = None
-    """Backbone weights (local file): an ImageNet ResNet in the released naming, or an official
-    ``dinov2_vit*14[_reg4]_pretrain.pth`` / ``dinov3_vit*16_pretrain_*.pth``."""
+    """Backbone weights: an ImageNet ResNet in the released naming; for the ViT encoders an official
+    ``dinov2_vit*14[_reg4]_pretrain.pth`` / ``dinov3_vit*16_pretrain_*.pth``, a Hugging Face
+    ``transformers`` model folder or file, a released name (``dinov2_vitb14``), an https:// or
+    file:// URL, or ``hf:<org>/<repo>`` (docs/training.md, "Encoder weights")."""
     feature_dropout: Literal["independent", "complementary"] = "independent"
     """DPT: the perturbed streams' channel masks, drawn independently or the second the
     complement of the first (as UniMatch V2's complementary dropout)."""

@@ -47,9 +47,8 @@ def check_model_config(cfg: Config) -> None:
     m = cfg.model
     takes = [b for b in BACKBONES if BACKBONES[b] == m.name]  # empty: a network of the user's
     if takes and m.backbone not in takes:
-        choices = takes
         raise ConfigError(f"model.backbone '{m.backbone}' does not fit model.name '{m.name}'; "
-                          f"it takes {', '.join(sorted(choices))}")
+                          f"it takes {', '.join(sorted(takes))}")
     if m.name == "deeplabv3plus" and m.lock_backbone:
         raise ConfigError("model.lock_backbone is for the DINOv2 and DINOv3 encoders (model.name=dpt)")
     if m.backbone.startswith("dinov3_") and m.registers:
