@@ -110,6 +110,7 @@ ENCODERS: dict[str, tuple[str, str]] = {
     **{f"dinov3_{size}": ("dinov3", size) for size in DINOV3_SIZES},
 }
 
+
 def _cubic(distance: Tensor, a: float) -> Tensor:
     """Keys' cubic convolution kernel at ``distance`` (zero from 2 on)."""
     x = distance.abs()
@@ -470,7 +471,6 @@ class DinoVisionTransformer(VisionTransformer):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         self._init_linears()
-
 
     def interpolate_pos_encoding(self, patch_grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """``pos_embed`` (class position + patch positions) resized to ``patch_grid``.
