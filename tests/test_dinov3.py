@@ -106,6 +106,7 @@ def test_rope_rescale_only_in_training() -> None:
     """``rescale=2``: in training, one factor f in [1/2, 2] multiplies every coordinate; in eval,
     and with the default (None) always, the tables are the true positions'."""
     rope, plain = RopePositionEmbedding(8, rescale=2.0), RopePositionEmbedding(8)
+    # (tests run with gradients enabled, as a student's forward does)
     true_sin, true_cos = plain(1, 2)
     assert all(torch.equal(a, b) for a, b in zip(rope.eval()(1, 2), (true_sin, true_cos)))
     assert all(torch.equal(a, b) for a, b in zip(plain.train()(1, 2), (true_sin, true_cos)))
@@ -189,6 +190,9 @@ def test_dpt_sides_round_to_multiples_of_16() -> None:
 
 
 def test_rope_rescale_changes_training_never_eval(vectors) -> None:
+    """On, it changes the forward of a network in training mode with gradients (a student's);
+    never eval, and never a no-grad pass (an EMA teacher in training mode predicts its pseudo
+    labels at the true positions)."""
     torch.manual_seed(0)
     plain = DPT(3, backbone="dinov3_tiny")
     plain.backbone.load_state_dict(weights(vectors, "mlp"))  # trained-like scales: positions matter
@@ -197,14 +201,15 @@ def test_rope_rescale_changes_training_never_eval(vectors) -> None:
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(plain.eval()(x), rescaled.eval()(x))
-        torch.manual_seed(1)
-        train_plain = plain.train()(x)
-        assert torch.equal(train_plain, plain(x))  # off: the training forward is deterministic
-        torch.manual_seed(1)
-        assert not torch.equal(rescaled.train()(x), train_plain)
-        torch.manual_seed(1)
-        tokens_plain, tokens_rescaled = plain.backbone(x)[-1], rescaled.backbone(x)[-1]
-        assert (tokens_rescaled - tokens_plain).abs().max() > 1e-3  # float noise is ~1e-6
+        assert torch.equal(plain.train()(x), rescaled.train()(x))  # training mode without gradients
+    torch.manual_seed(1)
+    train_plain = plain.train()(x)
+    assert torch.equal(train_plain, plain(x))  # off: the training forward is deterministic
+    torch.manual_seed(1)
+    assert not torch.equal(rescaled.train()(x), train_plain)
+    torch.manual_seed(1)
+    tokens_plain, tokens_rescaled = plain.backbone(x)[-1], rescaled.backbone(x)[-1]
+    assert (tokens_rescaled - tokens_plain).abs().max() > 1e-3  # float noise is ~1e-6
     cfg = load_config("pascal-dinov3", ["model.backbone=dinov3_tiny", "model.pretrained=null",
                                          "model.rope_rescale=2"])
     assert build_model(cfg).backbone.rope_embed.rescale == 2.0

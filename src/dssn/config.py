@@ -41,8 +41,9 @@ class ModelConfig(_Section):
     registers: Literal[0, 4] = 0
     """DINOv2 register tokens: 4 for the ``dinov2_vit*14_reg4`` encoders (DINOv3 has its own 4)."""
     rope_rescale: float | None = Field(None, ge=1)
-    """DINOv3: in training, multiply the RoPE coordinates by a random log-uniform factor in
-    [1/r, r] (the pre-training augmentation; 2.0 there). Off by default; evaluation never."""
+    """DINOv3: in the student's training passes, multiply the RoPE coordinates by a random
+    log-uniform factor in [1/r, r] (the pre-training augmentation; 2.0 there). Off by default;
+    evaluation and the teacher's pseudo labels never."""
     pretrained: str | None = None
     """Backbone weights: an ImageNet ResNet in the released naming; for the ViT encoders an official
     ``dinov2_vit*14[_reg4]_pretrain.pth`` / ``dinov3_vit*16_pretrain_*.pth``, a Hugging Face

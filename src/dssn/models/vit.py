@@ -551,8 +551,8 @@ class RopePositionEmbedding(nn.Module):
     Coordinates are patch centres normalised to [-1, 1] per axis ("separate"); each of the
     ``head_dim / 4`` periods turns them into an angle, rows' angles then columns', tiled twice
     to ``head_dim``. ``rescale`` (DINOv3's ``rescale_coords``, a pre-training augmentation):
-    in training mode the coordinates are multiplied by one log-uniform factor in
-    ``[1 / rescale, rescale]`` per forward; None (the default here) never.
+    in training mode, in a forward with gradients, the coordinates are multiplied by one
+    log-uniform factor in ``[1 / rescale, rescale]`` per forward; None (the default here) never.
     """
 
     def __init__(self, head_dim: int, base: float = _V3_ROPE_BASE, rescale: float | None = None) -> None:
@@ -573,7 +573,9 @@ class RopePositionEmbedding(nn.Module):
         coords_cols = torch.arange(0.5, cols, **where) / cols
         coords = torch.stack(torch.meshgrid(coords_rows, coords_cols, indexing="ij"), dim=-1).flatten(0, 1)
         coords = 2.0 * coords - 1.0  # [HW, 2]
-        if self.training and self.rescale is not None:
+        # Only in passes that train the network: an EMA teacher left in training mode (DSSN's
+        # first epoch) predicts its pseudo labels under no_grad, at the true positions.
+        if self.training and self.rescale is not None and torch.is_grad_enabled():
             log_range = math.log(self.rescale)
             coords = coords * torch.empty(1, **where).uniform_(-log_range, log_range).exp()
         angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]
