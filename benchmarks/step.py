@@ -26,6 +26,11 @@ on a GPU ``python benchmarks/step.py --backbone resnet101 --crop 513 --precision
 ``python benchmarks/step.py --config pascal-dinov2 --set model.backbone=dinov2_s data.crop_size=518
 train.batch_size=1 train.batch_size_unlabeled=1 [--set method.name=unimatch_v2]
 [--set model.checkpoint_backbone=true] --steps 2 --warmup 1 --skip-eval``.
+
+``--encoders`` compares DINOv3-S with DINOv2-S at the same patch grid (37x37 patches: crop 592 on
+patch 16 against 518 on patch 14), with DSSN and with UniMatch V2, batch 1 + 1, each in its own
+process: ms per step and peak memory (docs/method.md §2.5):
+``nice -n 19 .venv/bin/python benchmarks/step.py --encoders --steps 2 --warmup 1``.
 """
 
 from __future__ import annotations
@@ -277,6 +282,8 @@ def plain_sliding(net, image, classes, window, stride):
 
 
 # ---- driver ------------------------------------------------------------------------------------
+# --encoders: (label, preset, backbone, crop); both grids are 37x37 patches.
+ENCODER_RUNS = [("DINOv2-S", "pascal-dinov2", "dinov2_s", 518), ("DINOv3-S", "pascal-dinov3", "dinov3_s", 592)]
 def spawn(variant: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, *argv, "--variant", variant]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -311,6 +318,8 @@ def main() -> None:
     p.add_argument("--eval-reps", type=int, default=2)
     p.add_argument("--eval-batch", type=int, default=8, help="windows per forward pass (fast evaluation)")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--encoders", action="store_true", help="DINOv3-S against DINOv2-S at 37x37 patches (crops 592 "
+                                                           "and 518), DSSN and UniMatch V2, batch 1 + 1")
     p.add_argument("--variant", choices=["fast", "plain", "eval-fast", "eval-plain"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.config == "pascal":  # the setting of the figures in the README
@@ -324,6 +333,9 @@ def main() -> None:
         print(json.dumps(run(args)))
         return
 
+    if args.encoders:
+        compare_encoders(args, device)
+        return
     argv = [a for a in sys.argv[1:]] + [f"--precision={args.precision}"]
     cfg = config_for(args, fast=True)
     m, t = cfg.model, cfg.train
@@ -372,6 +384,30 @@ def main() -> None:
     print(f"# sliding-window evaluation: one {2 * crop}x{2 * crop} image, {ev['eval-fast']['windows']} windows of {crop}")
     print(f"plain (one window at a time): {e_plain:.0f} ms   fast (batches of {args.eval_batch}): {e_fast:.0f} ms   "
           f"speed-up {e_plain / e_fast:.2f}x   same probabilities: {same}")
+
+
+def machine(device, threads: int) -> str:
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {cpu_name()}, {threads} threads"
+    return f"{name}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+
+
+def compare_encoders(args, device) -> None:
+    """ms per step and peak memory of the engine's step for each encoder and method."""
+    print(f"# encoders at 37x37 patches, batch 1 + 1, {args.precision}, {machine(device, args.threads)}")
+    print(f"{'encoder':9s} {'crop':>4s} {'method':12s} {'ms/step':>9s} {'peak RSS MiB':>13s} {'GPU peak MiB':>13s}")
+    for method in ("dssn", "unimatch_v2"):
+        for label, preset, backbone, crop in ENCODER_RUNS:
+            argv = [f"--threads={args.threads}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+                    f"--device={args.device}", f"--precision={args.precision}", "--config", preset, "--set",
+                    f"model.backbone={backbone}", f"data.crop_size={crop}", "train.batch_size=1",
+                    "train.batch_size_unlabeled=1", f"method.name={method}", *args.set]
+            if args.checkpoint_backbone:
+                argv.append("--checkpoint-backbone")
+            r = spawn("fast", argv)
+            gpu = f"{r['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in r else "-"
+            print(f"{label:9s} {crop:4d} {method:12s} {statistics.median(r['step_ms']):9.0f} "
+                  f"{r['cpu_rss_mib']:13.0f} {gpu:>13s}", flush=True)
+    print(f"# after: {machine(device, args.threads)}")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,10 @@ def _train_worker(rank: int, world: int, port: int, cfg_dicts: list, out: str) -
 
 
 MODELS = {"deeplabv3plus": (), "dpt": ("model.name=dpt", "model.backbone=dinov2_tiny", "model.pretrained=null",
-                                       "data.crop_size=28", "train.optimizer=adamw", "train.lr=0.001")}
+                                       "data.crop_size=28", "train.optimizer=adamw", "train.lr=0.001"),
+          # DINOv3 with the RoPE coordinate rescale on: its random factors must come back on resume too
+          "dpt-dinov3": ("model.name=dpt", "model.backbone=dinov3_tiny", "model.pretrained=null",
+                         "model.rope_rescale=2", "data.crop_size=32", "train.optimizer=adamw", "train.lr=0.001")}
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -1,10 +1,11 @@
 """The DINOv2 + DPT path end to end (docs/method.md §2.2-2.4, §5.3, §8): each ``*-dinov2``
-preset trains a step on its dataset layout with AdamW's two learning rates, a DINOv2-format
+and ``*-dinov3`` preset trains a step on its dataset layout with AdamW's two learning rates, a DINOv2-format
 encoder file loads through the config, a trained DPT goes through ``dssn eval``, ``predict``
 and ``export``, ``model.lock_backbone`` trains the head alone, and a backbone the network
 cannot take is refused before anything is written.
 
-Every run uses ``dinov2_tiny`` (4 blocks of width 48) on crops of 28 pixels (two patches).
+Every run uses ``dinov2_tiny`` (4 blocks of width 48) on crops of 28 pixels (two patches), or for
+the DINOv3 presets ``dinov3_tiny`` (4 blocks of width 64) on crops of 32 (two patches of 16).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from data_fixtures import make_ade20k_raw, make_cityscapes_raw, make_coco_raw, make_voc
 from dssn.apps.export import export_onnx
@@ -30,6 +32,7 @@ from dssn.engine.trainer import build_optimizer, build_training, optimizer_step
 from dssn.method import Batch
 from dssn.models import DPT, build_model
 from dssn.models.vit import build_dinov2
+from shared_reference import reference_or_skip
 
 CROP = 28
 TINY_DPT = ["model.backbone=dinov2_tiny", "model.pretrained=null", f"data.crop_size={CROP}",
@@ -39,6 +42,8 @@ TINY_DPT = ["model.backbone=dinov2_tiny", "model.pretrained=null", f"data.crop_s
             "train.precision=fp32",
             # one thread: on a busy 2-core machine more threads only make tiny steps slower
             "train.threads=1"]
+
+TINY_DINOV3 = [*TINY_DPT, "model.backbone=dinov3_tiny", "data.crop_size=32", "eval.crop_size=32"]
 
 # pycocotools (as of 2.0.11) trips a NumPy 2 deprecation inside its RLE decoding
 coco_warnings = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -67,14 +72,14 @@ def voc(tmp_path_factory) -> list[str]:
 
 def _layout(preset: str, tmp_path: Path, voc: list[str]) -> list[str]:
     """Data overrides for a tiny fixture in ``preset``'s layout."""
-    if preset == "pascal-dinov2":
+    if preset.startswith("pascal-"):
         return voc
-    if preset == "cityscapes-dinov2":
+    if preset.startswith("cityscapes-"):
         root = make_cityscapes_raw(tmp_path / "cityscapes")
         assert main(["prepare", "cityscapes", str(root), "--quiet"]) == 0
         # OHEM keeps at least min_kept pixels; the preset's 200000 is more than a tiny crop holds.
         return [f"data.root={root}", *_splits("cityscapes", root, "1/2"), "train.ohem_min_kept=10"]
-    if preset == "ade20k-dinov2":
+    if preset.startswith("ade20k-"):
         root = make_ade20k_raw(tmp_path / "ADEChallengeData2016")
         return [f"data.root={root}", *_splits("ade20k", root, "2")]
     pytest.importorskip("pycocotools")
@@ -98,14 +103,20 @@ def _train_records(run_dir: Path) -> list[dict]:
     ("cityscapes-dinov2", "dssn"),
     ("ade20k-dinov2", "dssn"),
     ("coco-dinov2", "dssn"),
+    ("pascal-dinov3", "dssn"),
+    ("pascal-dinov3", "unimatch_v2"),
+    ("cityscapes-dinov3", "dssn"),
+    ("ade20k-dinov3", "dssn"),
+    ("coco-dinov3", "dssn"),
 ])
 def test_dinov2_preset_trains_one_step(preset: str, method: str, voc, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["train", preset, f"run_dir={run_dir}", f"method.name={method}", *_layout(preset, tmp_path, voc),
-            *TINY_DPT]
+            *(TINY_DINOV3 if preset.endswith("-dinov3") else TINY_DPT)]
     assert main(args) == 0
     cfg = load_config(str(run_dir / "config.yaml"))
     assert (cfg.model.name, cfg.train.optimizer, cfg.method.ema_rule) == ("dpt", "adamw", "ramp")
+    assert cfg.model.backbone == ("dinov3_tiny" if preset.endswith("-dinov3") else "dinov2_tiny")
 
     (record,) = _train_records(run_dir)
     losses = {k: v for k, v in record.items() if k not in ("kind", "step")}
@@ -162,6 +173,25 @@ def test_pretrained_encoder_file_loads_through_the_config(voc, tmp_path: Path, c
                  f"model.pretrained={weights}"]) == 2
     err = capsys.readouterr().err
     assert "blocks.0.norm1.weight" in err and "blocks.0.norm_1.weight" in err and "Traceback" not in err
+
+
+def test_transformers_layout_dinov3_folder_trains_through_the_config(voc, tmp_path: Path) -> None:
+    """``model.pretrained`` pointing at a Hugging Face model folder of a DINOv3 (reference/hf's
+    tiny one, the shape of ``dinov3_tiny``): converted to the official names and trained."""
+    vectors = load_file(reference_or_skip("hf") / "vectors.safetensors")
+    hf = {k.removeprefix("dinov3.weights."): v for k, v in vectors.items() if k.startswith("dinov3.weights.")}
+    folder = tmp_path / "dinov3-tiny-hf"
+    folder.mkdir()
+    save_file(hf, str(folder / "model.safetensors"))
+    run_dir = tmp_path / "run"
+    assert main(["train", "pascal-dinov3", *voc, f"run_dir={run_dir}", *TINY_DINOV3,
+                 f"model.pretrained={folder}"]) == 0
+    student = load_checkpoint(run_dir / "last.pt")["models"]["student"]
+    # One AdamW step at lr 5e-6 moves a weight by about 5e-6.
+    torch.testing.assert_close(student["backbone.blocks.1.attn.qkv.weight"],
+                               torch.cat([hf[f"model.layer.1.attention.{p}_proj.weight"] for p in "qkv"]),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(student["backbone.storage_tokens"], hf["embeddings.register_tokens"], rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- eval, predict, export
@@ -305,7 +335,7 @@ def test_lock_backbone_trains_the_head_alone(method: str) -> None:
      r"model\.backbone 'resnet50' does not fit model\.name 'dpt'; it takes dinov2_b"),
     ("pascal-dinov2", ["model.name=deeplabv3plus"],
      r"model\.backbone 'dinov2_s' does not fit model\.name 'deeplabv3plus'; it takes resnet101"),
-    ("pascal", ["model.lock_backbone=true"], r"model\.lock_backbone is for the DINOv2 encoders"),
+    ("pascal", ["model.lock_backbone=true"], r"model\.lock_backbone is for the DINOv2 and DINOv3 encoders"),
 ], ids=["dpt-on-resnet50", "deeplabv3plus-on-dinov2", "deeplabv3plus-locked"])
 def test_a_backbone_the_network_cannot_take_is_refused(preset: str, overrides: list[str], message: str, voc,
                                                        tmp_path: Path, capsys) -> None:

@@ -8,7 +8,7 @@ from dssn.config import load_config
 from dssn.engine.plan import PlanError, apply_plan, plan_batches
 from test_engine import tiny
 
-# The papers' global batches (SPEC 5.2 and 9.4: batch per GPU x 4 GPUs), written out by hand.
+# The papers' global batches (docs/method.md §9: batch per GPU x 4 GPUs), written out by hand.
 PAPER_GLOBAL = {"pascal": (8, 8), "cityscapes": (4, 4), "coco": (8, 8), "pascal-dinov2": (16, 16),
                 "cityscapes-dinov2": (8, 8), "ade20k-dinov2": (8, 8), "coco-dinov2": (16, 16)}
 

@@ -128,7 +128,7 @@ def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_cutmix_box_distribution_is_the_releases():
-    """SPEC 5.1's figures for the releases' sampler at S=321: present 0.50; mean area 0.21 of
+    """The figures of docs/method.md §6 for the releases' sampler at S=321: present 0.50; mean area 0.21 of
     the crop when present; wider than tall in 27% of boxes (width int(sqrt(a/r)), height
     int(sqrt(a*r))). Redrawing the area on rejection gives 0.14, swapping the sides 73%."""
     size, draws = 321, 20_000

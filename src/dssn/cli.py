@@ -14,7 +14,7 @@ from pathlib import Path
 from dssn.config import load_config, method_config_class, preset_names
 from dssn.constants import NETWORK_CHOICES
 from dssn.errors import DssnError, TrainingPreempted
-from dssn.registry import DATASETS, METHODS, MODELS
+from dssn.registry import BACKBONES, DATASETS, METHODS, MODELS
 
 OVERRIDES_HELP = ("config overrides as dotted key=value pairs, e.g. train.lr=0.01 method.name=fixmatch "
                   "data.root=/data/VOC2012 (values are read as YAML: 0.5, true, null, [6,12,18])")
@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the authors' script runs it: batch statistics in the first epoch, running "
                                    "statistics after), batch or running (either for the whole run). Methods: "
                                    f"method.name={'|'.join(METHODS.names())}; networks: "
-                                   f"model.name={'|'.join(MODELS.names())}. " + method_keys_help())
+                                   f"model.name={'|'.join(MODELS.names())}; encoders: "
+                                   f"model.backbone={'|'.join(BACKBONES.names())}. " + method_keys_help())
     _add_config_arguments(p, "preset name or path to a YAML config")
     p.set_defaults(func=_cmd_train)
 

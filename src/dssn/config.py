@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from dssn.errors import DssnError
-from dssn.registry import DATASETS, METHODS, MODELS, UnknownNameError
+from dssn.registry import BACKBONES, DATASETS, METHODS, MODELS, UnknownNameError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -42,15 +42,22 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = "deeplabv3plus"
     """The network (``dssn.registry.MODELS``): ``deeplabv3plus`` (ResNet backbones) or ``dpt``
-    (DINOv2 encoders with UniMatch V2's DPT head)."""
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101",
-                      "dinov2_s", "dinov2_b", "dinov2_l", "dinov2_g", "dinov2_tiny"] = "resnet101"
-    """``dinov2_tiny`` is not a released model: a 4-block ViT for tests and CPU smoke runs."""
+    (DINOv2 or DINOv3 encoders with UniMatch V2's DPT head)."""
+    backbone: str = "resnet101"
+    """The encoder (``dssn.registry.BACKBONES``): resnet18/34/50/101 for ``deeplabv3plus``;
+    dinov2_s/b/l/g and dinov3_s/splus/b/l/l_sat/hplus/7b for ``dpt``. ``*_tiny`` are not released
+    models: 4-block ViTs for tests and CPU smoke runs."""
     registers: Literal[0, 4] = 0
-    """DINOv2 register tokens: 4 for the ``dinov2_vit*14_reg4`` encoders."""
+    """DINOv2 register tokens: 4 for the ``dinov2_vit*14_reg4`` encoders (DINOv3 has its own 4)."""
+    rope_rescale: float | None = Field(None, ge=1)
+    """DINOv3: in the student's training passes, multiply the RoPE coordinates by a random
+    log-uniform factor in [1/r, r] (the pre-training augmentation; 2.0 there). Off by default;
+    evaluation and the teacher's pseudo labels never."""
     pretrained: str | None = None
-    """Backbone weights (local file): an ImageNet ResNet in the released naming, or an official
-    ``dinov2_vit*14[_reg4]_pretrain.pth``."""
+    """Backbone weights: an ImageNet ResNet in the released naming; for the ViT encoders an official
+    ``dinov2_vit*14[_reg4]_pretrain.pth`` / ``dinov3_vit*16_pretrain_*.pth``, a Hugging Face
+    ``transformers`` model folder or file, a released name (``dinov2_vitb14``), an https:// or
+    file:// URL, or ``hf:<org>/<repo>`` (docs/training.md, "Encoder weights")."""
     feature_dropout: Literal["independent", "complementary"] = "independent"
     """DPT: the perturbed streams' channel masks, drawn independently or the second the
     complement of the first (as UniMatch V2's complementary dropout)."""
@@ -71,9 +78,14 @@ class ModelConfig(_Section):
     def _registered(cls, name: str) -> str:
         return MODELS.check(name)
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        return BACKBONES.check(backbone)
+
 
 NETWORK_KEYS = {"deeplabv3plus": frozenset({"output_stride", "dilations", "decoder_channels", "backbone_width"}),
-                "dpt": frozenset({"registers", "feature_dropout"})}
+                "dpt": frozenset({"registers", "feature_dropout", "rope_rescale"})}
 """The ``model.*`` keys only one built-in network reads (the others every network reads); a key of
 another network is refused. ``lock_backbone`` is refused by ``dssn.models.check_model_config``."""
 

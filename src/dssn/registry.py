@@ -1,4 +1,5 @@
-"""Name tables: ``model.name``, ``method.name`` and ``data.dataset`` -> what builds or describes it.
+"""Name tables: ``model.name``, ``method.name`` and ``data.dataset`` -> what builds or describes it;
+``model.backbone`` -> its network.
 
 ``dssn.models`` and ``dssn.method`` fill them as they are imported (which importing
 ``dssn`` does), so the config, the command line and the builders read one list.
@@ -61,3 +62,5 @@ MODELS: Registry = Registry("model.name")
 METHODS: Registry = Registry("method.name")
 DATASETS: Registry = Registry("data.dataset")
 """Dataset layouts (``dssn.data.catalog.DatasetSpec``), filled by ``dssn.data``."""
+BACKBONES: Registry = Registry("model.backbone")
+"""``model.backbone`` name -> the ``model.name`` that takes it."""

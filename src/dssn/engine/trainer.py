@@ -545,7 +545,11 @@ def train(cfg: Config) -> TrainResult:
         run_on_main(lambda: check_before_training(cfg), dist)
         if not dist.is_main:
             check_before_training(cfg)
-        check_pretrained(cfg)  # a weights file that is not one: named before the run folder exists
+        # Then the encoder weights: fetched (a name, URL or hf: repository) and checked against the
+        # network before any folder exists; the other ranks read the cache (or fetch on their machine).
+        run_on_main(lambda: check_pretrained(cfg), dist)
+        if not dist.is_main:
+            check_pretrained(cfg)
 
         opened: dict[str, Any] = {}
 

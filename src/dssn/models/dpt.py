@@ -1,4 +1,4 @@
-"""DPT segmentation head on a DINOv2 encoder, as UniMatch V2 builds it (docs/method.md §2.3).
+"""DPT segmentation head on a DINOv2 or DINOv3 encoder, as UniMatch V2 builds it (docs/method.md §2.3).
 
 Module names (``backbone``, ``head.projects``, ``head.resize_layers``,
 ``head.scratch.layer{1..4}_rn``, ``head.scratch.refinenet{1..4}``, ``head.scratch.output_conv``)
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dssn.models.perturb import FEATURE_DROPOUT_MODES, check_forward_options, comp_drop_masks, stream_keep_masks
-from dssn.models.vit import DinoVisionTransformer, build_dinov2, load_dinov2_weights
+from dssn.models.vit import ENCODERS, VisionTransformer, build_encoder, encoder_size, load_encoder_weights
 
 __all__ = ["DPT", "DPTHead", "DPT_BACKBONES", "DPT_WIDTHS", "DPTWidths"]
 
@@ -38,7 +38,9 @@ DPT_WIDTHS: dict[str, DPTWidths] = {
     "g": DPTWidths(384, (1536, 1536, 1536, 1536)),
     "tiny": DPTWidths(16, (8, 16, 32, 64)),
 }
-DPT_BACKBONES = {f"dinov2_{size}": size for size in DPT_WIDTHS}
+# model.backbone -> its DPT_WIDTHS key: DINOv2's own size; DINOv3's the matching DINOv2 size's
+# (docs/method.md §2.5: S, S+ as s; B as b; L as l; H+, 7B as g).
+DPT_BACKBONES = {name: encoder_size(name).head or ENCODERS[name][1] for name in ENCODERS}
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -156,7 +158,7 @@ class DPTHead(nn.Module):
 
 
 class DPT(nn.Module):
-    """DINOv2 encoder + DPT head, UniMatch V2's segmentation network.
+    """DINOv2 or DINOv3 encoder + DPT head, UniMatch V2's segmentation network.
 
     ``forward(x)`` returns logits ``[B, C, H, W]`` at the input size: sides that are not
     multiples of the patch size are resized (bilinear, ``align_corners=True``) to the nearest
@@ -168,10 +170,13 @@ class DPT(nn.Module):
     batched head pass. ``forward(x, comp_drop=True)`` is UniMatch V2's student pass on
     ``cat(s1, s2)`` (see :func:`~dssn.models.perturb.comp_drop_masks`).
 
-    ``backbone`` is ``"dinov2_s"``, ``"dinov2_b"``, ``"dinov2_l"`` or ``"dinov2_g"`` (with
-    ``registers`` 0 or 4 and UniMatch V2's head widths unless ``features``/``out_channels`` are
-    given), or an encoder instance (e.g. a tiny one for tests; then the widths are required).
-    ``pretrained`` is an official ``dinov2_vit*14[_reg4]_pretrain.pth``, loaded key-exactly.
+    ``backbone`` is a name of ``DPT_BACKBONES``: ``"dinov2_s"``, ``"dinov2_b"``, ``"dinov2_l"``,
+    ``"dinov2_g"`` (with ``registers`` 0 or 4) or ``"dinov3_s"``, ``"dinov3_splus"``,
+    ``"dinov3_b"``, ``"dinov3_l"``, ``"dinov3_hplus"``, ``"dinov3_7b"`` (with ``rope_rescale``,
+    docs/method.md §2.5), with UniMatch V2's head widths unless ``features``/``out_channels`` are given; or
+    an encoder instance (e.g. a tiny one for tests; then the widths are required).
+    ``pretrained`` is an official ``dinov2_vit*14[_reg4]_pretrain.pth`` or
+    ``dinov3_vit*16_pretrain_*.pth``, loaded key-exactly.
     ``lock_backbone`` freezes the encoder (no gradients, run under ``no_grad``, left out of
     :meth:`param_groups`).
     """
@@ -179,7 +184,7 @@ class DPT(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        backbone: str | DinoVisionTransformer = "dinov2_b",
+        backbone: str | VisionTransformer = "dinov2_b",
         registers: int = 0,
         pretrained: str | os.PathLike[str] | None = None,
         *,
@@ -187,9 +192,10 @@ class DPT(nn.Module):
         out_channels: Sequence[int] | None = None,
         feature_dropout: str = "independent",
         lock_backbone: bool = False,
+        rope_rescale: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(backbone, DinoVisionTransformer):
+        if isinstance(backbone, VisionTransformer):
             if registers not in (0, backbone.num_register_tokens):
                 raise ValueError(
                     f"registers={registers} but the given encoder has "
@@ -199,9 +205,8 @@ class DPT(nn.Module):
                 raise ValueError("with an encoder instance, give features and out_channels")
             encoder = backbone
         elif backbone in DPT_BACKBONES:
-            size = DPT_BACKBONES[backbone]
-            encoder = build_dinov2(size, registers)
-            widths = DPT_WIDTHS[size]
+            encoder = build_encoder(backbone, registers, rope_rescale)
+            widths = DPT_WIDTHS[DPT_BACKBONES[backbone]]
             features = widths.features if features is None else features
             out_channels = widths.out_channels if out_channels is None else out_channels
         else:
@@ -216,7 +221,7 @@ class DPT(nn.Module):
         self.feature_dropout = feature_dropout
         self.backbone = encoder
         if pretrained is not None:
-            load_dinov2_weights(self.backbone, pretrained)
+            load_encoder_weights(self.backbone, pretrained)
         self.head = DPTHead(num_classes, encoder.embed_dim, features, tuple(out_channels))
         self.lock_backbone = lock_backbone
 

@@ -7,6 +7,7 @@ silently.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -19,10 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from dssn.errors import DssnError
+from dssn.models.hf_layout import convert_transformers, is_transformers_layout
+from dssn.models.sources import is_remote, resolve_weights
 
 __all__ = [
     "LoadReport",
     "WeightsError",
+    "check_backbone_weights",
     "load_backbone_weights",
     "load_state_dict",
     "load_state_dict_file",
@@ -33,6 +37,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The files a transformers model folder holds its weights in, by preference.
+_FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 # Keys under which training scripts commonly nest the model's state dict.
 _WRAPPER_KEYS = ("model", "state_dict", "student")
 _DDP_PREFIX = "module."
@@ -97,12 +104,26 @@ def weights_format(path: str | os.PathLike[str]) -> str:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a state dict safely, unwrapping ``{"model": ...}`` and DDP ``module.`` prefixes."""
+    """Read a state dict safely, unwrapping ``{"model": ...}`` and DDP ``module.`` prefixes.
+
+    ``path`` is a PyTorch file (``.pth``, ``.pt``, ``.bin``; read with ``weights_only=True``), a
+    ``.safetensors`` file, a sharded ``*.index.json``, or a ``transformers`` model folder
+    (``model.safetensors``, else ``pytorch_model.bin``, or their sharded indexes). A released
+    file's name, a URL or ``hf:<org>/<repo>`` is fetched first (:mod:`dssn.models.sources`)."""
+    if is_remote(path):
+        path = resolve_weights(path)
     path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in _FOLDER_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise WeightsError(f"{path} is a folder without weights: expected one of {', '.join(_FOLDER_FILES)}")
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if weights_format(path) != "torch":
-        raise WeightsError(f"{path} is a safetensors file; this reads PyTorch weights files (.pth/.pt)")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path)
+    if weights_format(path) == "safetensors":
+        return unwrap_state_dict(_read_safetensors(path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -122,6 +143,30 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         ) from None
 
     return unwrap_state_dict(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors import SafetensorError  # an optional extra: only these files need it
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path} cannot be read as a safetensors file: {err}") from None
+
+
+def _read_shards(index: Path) -> dict[str, Tensor]:
+    """The tensors of a sharded checkpoint, from the shards its ``weight_map`` names."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise WeightsError(f"{index}: not a shard index with a 'weight_map' ({err})") from None
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_state_dict_file(index.parent / shard))
+    return state
 
 
 def unwrap_state_dict(obj: object, path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -204,8 +249,25 @@ def load_weights(
     With ``strict`` any missing, unexpected or mis-shaped key raises
     :class:`WeightsError` before anything is copied. Without it the matching
     tensors are loaded and the rest are logged and listed in the report.
+    A ``transformers``-layout DINO encoder (any form :func:`load_state_dict_file` reads) is
+    converted to the official names of ``model`` (an encoder) or of ``model.backbone``.
     """
-    return load_state_dict(model, load_state_dict_file(path), path, strict)
+    state = load_state_dict_file(path)
+    if is_transformers_layout(state):
+        encoder = getattr(model, "backbone", model)
+        prefix = "" if encoder is model else _BACKBONE_PREFIX
+        state, _ = _from_transformers(state, encoder, path)
+        state = {prefix + k: v for k, v in state.items()}
+    return load_state_dict(model, state, path, strict)
+
+
+def _from_transformers(
+    state: Mapping[str, Tensor], encoder: nn.Module, path: str | os.PathLike[str]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The official names of a ``transformers``-layout state, logged; and the keys left out."""
+    converted, info = convert_transformers(state, encoder.state_dict())
+    logger.info("%s: transformers layout found; %s", path, info.summary())
+    return converted, info.left_out
 
 
 def load_state_dict(
@@ -221,18 +283,41 @@ def load_state_dict(
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
-    """Load ImageNet weights in the released naming into a backbone.
+    """Load ImageNet weights (or a DINO encoder) in the released naming into a backbone.
 
     Keys may carry a ``backbone.`` prefix (then all other keys, e.g. a
-    segmentation head, are ignored). The ImageNet classifier ``fc.*`` is
+    segmentation head, are ignored). A ``transformers``-layout DINO encoder is
+    converted to the official names first (:mod:`dssn.models.hf_layout`; a task
+    model's head is ignored). The ImageNet classifier ``fc.*`` is
     dropped on purpose. Both show up in ``report.ignored``. Any other
     mismatch raises :class:`WeightsError`, except missing BN
     ``num_batches_tracked`` counters, which older files lack and which do
     not affect the network (they stay listed in ``report.missing``).
     """
+    report, matching, layout = _backbone_state(backbone, path)
+    if report.ignored:
+        logger.info("ignored %d keys from %s: %s", len(report.ignored), path, _listing("keys", report.ignored))
+    logger.info("%s: %s; %d tensors loaded", path, layout, len(matching))
+    return _apply(backbone, matching, report)
+
+
+def check_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
+    """What :func:`load_backbone_weights` would load, raising as it would, without copying (the
+    backbone may be on the meta device): so that training can refuse a file before it makes a
+    run folder. A name or URL is downloaded here."""
+    return _backbone_state(backbone, path)[0]
+
+
+def _backbone_state(
+    backbone: nn.Module, path: str | os.PathLike[str]
+) -> tuple[LoadReport, dict[str, Tensor], str]:
     state = load_state_dict_file(path)
     ignored: list[str] = []
-    if any(k.startswith(_BACKBONE_PREFIX) for k in state):
+    layout = "official names"
+    if is_transformers_layout(state):
+        state, ignored = _from_transformers(state, backbone, path)
+        layout = "transformers layout, converted"
+    elif any(k.startswith(_BACKBONE_PREFIX) for k in state):
         ignored += [k for k in state if not k.startswith(_BACKBONE_PREFIX)]
         state = {
             k.removeprefix(_BACKBONE_PREFIX): v
@@ -247,6 +332,4 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> 
     serious_missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]
     if serious_missing or report.unexpected or report.mismatched:
         raise WeightsError(f"{path} does not match the backbone: {_describe(report)}")
-    if ignored:
-        logger.info("ignored %d keys from %s: %s", len(ignored), path, _listing("keys", ignored))
-    return _apply(backbone, matching, report)
+    return report, matching, layout
