@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from dssn.data.datasets import SegmentationDataset, open_image, write_split
-from dssn.data.synthetic import make_synthetic
+from dssn.apps.synthetic import make_synthetic
 from dssn.data.transforms import (
     STRONG_OPS,
     color_jitter,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dssn.data.synthetic import make_synthetic
+from dssn.apps.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dssn.config import Config, load_config
 from dssn.data import COCO_CATEGORY_IDS, COCO_CLASSES
-from dssn.data.synthetic import voc_palette
+from dssn.data.colors import voc_palette
 
 W, H = 40, 30
 

@@ -1,4 +1,4 @@
-"""Tests for the built-in synthetic dataset (dssn.data.synthetic)."""
+"""Tests for the built-in synthetic dataset (dssn.apps.synthetic)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 
 from dssn.config import load_config
 from dssn.constants import IGNORE
-from dssn.data import data_root, synthetic
-from dssn.data.synthetic import (
+from dssn.apps import synthetic
+from dssn.apps.synthetic import (
     CLASS_NAMES,
     GENERATOR_VERSION,
     NUM_CLASSES,
@@ -23,9 +23,10 @@ from dssn.data.synthetic import (
     make_synthetic,
     render_sample,
     resolve_synthetic,
-    split_name,
-    voc_palette,
 )
+from dssn.data import data_root
+from dssn.data.colors import voc_palette
+from dssn.data.splits import split_name
 
 SMALL = {"num_train": 64, "num_val": 16, "size": 64}
 TINY = {"num_train": 4, "num_val": 1, "size": 32}

@@ -11,7 +11,7 @@ import torch
 
 from dssn.apps.train import train
 from dssn.config import load_config
-from dssn.data.synthetic import resolve_synthetic
+from dssn.apps.synthetic import resolve_synthetic
 from dssn.errors import TrainingError
 from dssn.files import atomic_write_text
 from dssn.viz.compare import compare_runs

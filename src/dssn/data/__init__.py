@@ -9,7 +9,7 @@ from dssn.data.catalog import DatasetSpec, dataset_spec
 from dssn.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from dssn.data.datasets import DataError, MaskDecoder, SegmentationDataset, Split, load_split, read_split
 from dssn.data.layouts import FolderMeta, Pool, load_folder_meta, pairs_to_split, scan_pool
-from dssn.data.synthetic import voc_palette
+from dssn.data.colors import voc_palette
 
 __all__ = ["SegmentationDataset", "read_split", "build_train_datasets", "build_val_dataset",
            "class_names_for", "palette_for", "decoder_for", "data_root", "folder_meta", "split_sources", "DataError",

@@ -18,7 +18,6 @@ from dssn.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, COCO_CLASS
 from dssn.data.datasets import RGB, MaskDecoder
 from dssn.data.layouts import FolderMeta, Pool, ade20k_pool, cityscapes_pool, coco_pool, folder_pool, voc_pool
 from dssn.data.prepare import PrepareOptions, ade20k_step, cityscapes_step, coco_step
-from dssn.data.synthetic import CLASS_NAMES, resolve_synthetic
 from dssn.registry import DATASETS
 
 
@@ -60,8 +59,6 @@ DATASETS.add("coco", DatasetSpec("{train2017,val2017}/<id>.jpg, masks/<id>.png",
 DATASETS.add("ade20k", DatasetSpec("images/{training,validation}/<name>.jpg, annotations/.../<name>.png",
                                    ade20k_pool, ADE20K_CLASSES, ADE20K_PALETTE, _ade20k_decoder, ade20k_step))
 DATASETS.add("folder", DatasetSpec("described by ROOT/dataset.yaml", folder_pool, reads_meta=True))
-DATASETS.add("synthetic", DatasetSpec("as pascal; generated under data.root", voc_pool, CLASS_NAMES,
-                                      resolve_root=resolve_synthetic, splits_command=False))
 
 
 def dataset_spec(name: str) -> DatasetSpec:

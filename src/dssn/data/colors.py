@@ -15,6 +15,22 @@ PAD_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
 """Display padding (outside the image) is white in every column."""
 
 
+def voc_palette(n: int = 256) -> list[int]:
+    """Flat ``[r, g, b, ...]`` PASCAL VOC colour map: the bits of the class index
+    are interleaved into the high bits of the three channels."""
+    palette = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
 def palette_array(palette: list[int] | np.ndarray) -> np.ndarray:
     """A flat ``[r, g, b, ...]`` palette as ``[256, 3]`` uint8 (missing entries black)."""
     flat = np.zeros(768, dtype=np.uint8)

@@ -20,7 +20,7 @@ from dssn.constants import IGNORE
 from dssn.data.ade20k import ADE20K_PALETTE, ade20k_class_ids
 from dssn.data.classes import COCO_CATEGORY_IDS
 from dssn.data.datasets import DataError, MaskError, open_image
-from dssn.data.synthetic import voc_palette
+from dssn.data.colors import voc_palette
 from dssn.files import atomic_path
 
 # The official Cityscapes label table (cityscapesScripts, helpers/labels.py): trainId of

@@ -16,12 +16,21 @@ from pathlib import Path
 
 from dssn.data.datasets import DataError, write_split
 from dssn.data.layouts import Pair, Pool
-from dssn.data.synthetic import split_name
 
 Amount = int | Fraction | None
 """A number of images, a fraction of the candidates, or None for all of them."""
 
 SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "val.txt")
+
+
+def split_name(fraction: float) -> str:
+    """Folder name for a labelled fraction: 1/16 -> ``"1_16"``, 1 -> ``"full"``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return "full"
+    exact = Fraction(fraction).limit_denominator(10_000)
+    return f"{exact.numerator}_{exact.denominator}"
 
 
 def parse_amount(text: str) -> Amount:

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dssn.config import Config, ConfigError, build_config
-from dssn.data.synthetic import voc_palette
+from dssn.data.colors import voc_palette
 from dssn.engine.checkpoint import find_resume_checkpoint, remove_stale_temporaries
 from dssn.errors import DssnError, TrainingError
 from dssn.files import atomic_write_text

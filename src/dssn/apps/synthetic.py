@@ -26,7 +26,6 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from dssn.constants import IGNORE
+from dssn.data.catalog import DatasetSpec
+from dssn.data.colors import voc_palette
+from dssn.data.layouts import voc_pool
+from dssn.data.splits import split_name
+from dssn.registry import DATASETS
 
 __all__ = [
     "CLASS_NAMES",
@@ -43,14 +47,12 @@ __all__ = [
     "make_synthetic",
     "render_sample",
     "resolve_synthetic",
-    "split_name",
-    "voc_palette",
 ]
 
 #: Bump whenever the files made for the same parameters change: it names the cache folders.
 GENERATOR_VERSION = 5
 MANIFEST_NAME = "dataset.json"
-_GENERATOR_ID = "dssn.data.synthetic"
+_GENERATOR_ID = "dssn.data.synthetic"  # the manifests' name for this generator, kept from its first home
 _SPLIT_IDS = {"train": 0, "val": 1, "labeled-subset": 2}
 # Cache folders are named by version and parameters (``_cache_key``); a generation in
 # progress writes to a hidden temporary sibling ``.<key>.<random>.tmp``.
@@ -122,22 +124,6 @@ _CONTRAST_PAIRS = np.array(
         if a != b and abs(_LUMA[a] - _LUMA[b]) >= 40
     ]
 )
-
-
-def voc_palette(n: int = 256) -> list[int]:
-    """Flat ``[r, g, b, ...]`` PASCAL VOC colour map: the bits of the class index
-    are interleaved into the high bits of the three channels."""
-    palette = []
-    for index in range(n):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 # --- shapes ---------------------------------------------------------------
@@ -401,16 +387,6 @@ def render_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
 # --- dataset on disk ------------------------------------------------------
 
 
-def split_name(fraction: float) -> str:
-    """Folder name for a labelled fraction: 1/16 -> ``"1_16"``, 1 -> ``"full"``."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"labeled fraction must be in (0, 1], got {fraction}")
-    if fraction == 1:
-        return "full"
-    exact = Fraction(fraction).limit_denominator(10_000)
-    return f"{exact.numerator}_{exact.denominator}"
-
-
 def _sample_ids(split: str, count: int) -> list[str]:
     return [f"{split}_{i:05d}" for i in range(count)]
 
@@ -603,3 +579,7 @@ def class_frequencies(
         counts = {name: n for name, n in counts.items() if name != CLASS_NAMES[0]}
     total = sum(counts.values())
     return {name: n / total if total else 0.0 for name, n in counts.items()}
+
+
+DATASETS.add("synthetic", DatasetSpec("as pascal; generated under data.root", voc_pool, CLASS_NAMES,
+                                      resolve_root=resolve_synthetic, splits_command=False))
