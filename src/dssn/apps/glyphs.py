@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from dssn.constants import IGNORE
-from dssn.data.synthetic import split_name, voc_palette
+from dssn.data.synthetic import split_name, write_voc_files
 from dssn.errors import DssnError
 
 __all__ = ["CLASS_NAMES", "GENERATOR_VERSION", "make_glyphs", "render_sample"]
@@ -50,8 +50,6 @@ __all__ = ["CLASS_NAMES", "GENERATOR_VERSION", "make_glyphs", "render_sample"]
 GENERATOR_VERSION = 4
 MANIFEST_NAME = "dataset.json"
 _GENERATOR_ID = "dssn.apps.glyphs"
-_SPLIT_IDS = {"train": 0, "val": 1, "labeled-subset": 2}
-_JPEG_QUALITY = 90
 
 # Strokes of each glyph as polylines in a box x, y in [-1, 1] (y down). Chosen so that no
 # glyph is another one rotated by less than the 25 degrees the renderer allows.
@@ -211,37 +209,10 @@ def _manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR_ID else None
 
 
-def _write_list(path: Path, ids: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in ids))
-
-
 def _write_dataset(folder: Path, params: dict) -> None:
     """Write the dataset for ``params`` into the empty ``folder``, the manifest last."""
-    seed, num_train = params["seed"], params["num_train"]
-    (folder / "JPEGImages").mkdir()
-    (folder / "SegmentationClass").mkdir()
-    palette = voc_palette()
-    counts = np.zeros(256, dtype=np.int64)
-    ids = {split: [f"{split}_{i:05d}" for i in range(n)] for split, n in (("train", num_train),
-                                                                           ("val", params["num_val"]))}
-    for split, names in ids.items():
-        for index, sample_id in enumerate(names):
-            image, labels = render_sample(np.random.default_rng([seed, _SPLIT_IDS[split], index]), params["size"])
-            Image.fromarray(image).save(folder / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
-            mask = Image.fromarray(labels)
-            mask.putpalette(palette)
-            mask.save(folder / "SegmentationClass" / f"{sample_id}.png", optimize=True)
-            if split == "train":
-                counts += np.bincount(labels.ravel(), minlength=256)
-    fraction = split_name(params["labeled_fraction"])
-    num_labeled = max(1, round(num_train * params["labeled_fraction"]))
-    order = np.random.default_rng([seed, _SPLIT_IDS["labeled-subset"]]).permutation(num_train)
-    labeled = sorted(ids["train"][i] for i in order[:num_labeled])
-    _write_list(folder / "splits" / fraction / "labeled.txt", labeled)
-    _write_list(folder / "splits" / fraction / "unlabeled.txt", sorted(set(ids["train"]) - set(labeled)))
-    _write_list(folder / "splits" / "full" / "labeled.txt", ids["train"])
-    _write_list(folder / "splits" / "val.txt", ids["val"])
+    counts, labeled, _ = write_voc_files(folder, params, render_sample)
+    num_train = params["num_train"]
     manifest = {"generator": _GENERATOR_ID, "version": GENERATOR_VERSION, "params": params,
                 "class_names": list(CLASS_NAMES), "ignore_index": IGNORE,
                 "counts": {"train": num_train, "val": params["num_val"], "labeled": len(labeled)},
