@@ -83,9 +83,10 @@ def _stroke_mask(xx: np.ndarray, yy: np.ndarray, polylines: list[np.ndarray], ha
     return dist <= half_width
 
 
-def _styled_glyph(rng: np.random.Generator, name: str, cx: float, cy: float, height: float) -> list[np.ndarray]:
-    """The glyph's polylines in pixels, in a random hand: jittered vertices, slant,
-    width, rotation (up to 25 degrees) and size ``height`` (half the glyph's height)."""
+def _styled_glyph(rng: np.random.Generator, name: str, cx: float, cy: float, half_height: float) -> list[np.ndarray]:
+    """The glyph's polylines in pixels around (cx, cy), in a random hand: jittered
+    vertices, slant, width and rotation (up to 25 degrees). The training views' horizontal
+    flips add mirrored digits, under the same label."""
     jitter, slant = rng.uniform(0.0, 0.1), rng.uniform(-0.3, 0.3)
     width, angle = rng.uniform(0.65, 1.1), rng.uniform(-1, 1) * math.radians(25)
     cos, sin = math.cos(angle), math.sin(angle)
@@ -95,7 +96,7 @@ def _styled_glyph(rng: np.random.Generator, name: str, cx: float, cy: float, hei
         if name == "zero":
             p[-1] = p[0]  # keep the oval closed
         x, y = (p[:, 0] + slant * p[:, 1]) * width, p[:, 1]
-        out.append(np.stack([cx + height * (cos * x - sin * y), cy + height * (sin * x + cos * y)], axis=1))
+        out.append(np.stack([cx + half_height * (cos * x - sin * y), cy + half_height * (sin * x + cos * y)], axis=1))
     return out
 
 
