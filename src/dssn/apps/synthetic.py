@@ -47,6 +47,7 @@ __all__ = [
     "make_synthetic",
     "render_sample",
     "resolve_synthetic",
+    "write_voc_files",
 ]
 
 #: Bump whenever the files made for the same parameters change: it names the cache folders.
@@ -454,9 +455,18 @@ def _is_cached(folder: Path, params: dict) -> bool:
     return True
 
 
-def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
-    """Write the dataset for ``params`` into the empty ``folder``, the manifest last."""
-    seed, num_train, size = params["seed"], params["num_train"], params["size"]
+def write_voc_files(
+    folder: Path,
+    params: dict,
+    render: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    progress: bool = False,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Write the images, palette masks and split files of a generated dataset into the
+    empty ``folder``: sample ``index`` of ``split`` is ``render(rng, params["size"])`` with
+    ``rng`` seeded by ``(params["seed"], split, index)``. Return the training pixel counts
+    per mask value (256) and the labeled and unlabeled ids. Shared with the demo task
+    generators (``dssn.apps.glyphs``)."""
+    seed, num_train = params["seed"], params["num_train"]
     (folder / "JPEGImages").mkdir()
     (folder / "SegmentationClass").mkdir()
     palette = voc_palette()
@@ -465,7 +475,7 @@ def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
     jobs = [(split, i, sample_id) for split in ids for i, sample_id in enumerate(ids[split])]
     for split, index, sample_id in tqdm(jobs, desc="synthetic dataset", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-        image, labels = render_sample(rng, size)
+        image, labels = render(rng, params["size"])
         Image.fromarray(image).save(folder / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
         mask = Image.fromarray(labels)
         mask.putpalette(palette)
@@ -483,6 +493,13 @@ def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
     _write_split(splits / fraction_name / "unlabeled.txt", unlabeled)
     _write_split(splits / "full" / "labeled.txt", ids["train"])
     _write_split(splits / "val.txt", ids["val"])
+    return pixel_counts, labeled, unlabeled
+
+
+def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
+    """Write the dataset for ``params`` into the empty ``folder``, the manifest last."""
+    pixel_counts, labeled, unlabeled = write_voc_files(folder, params, render_sample, progress)
+    num_train, fraction_name = params["num_train"], split_name(params["labeled_fraction"])
 
     manifest = {
         "generator": _GENERATOR_ID,
