@@ -36,7 +36,7 @@ from dssn.engine.checkpoint import is_dssn_checkpoint, read_torch_file
 from dssn.engine.runtime import resolve_device
 from dssn.errors import DssnError
 from dssn.models import build_model
-from dssn.models.weights import load_state_dict, unwrap_state_dict
+from dssn.models.weights import WeightsError, load_state_dict, read_safetensors, unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
 AUTO = NETWORK_CHOICES[0]
@@ -141,14 +141,9 @@ def _config(source: str, embedded: dict[str, Any] | None, config: str | None,
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        from safetensors import SafetensorError, safe_open  # the optional [export] extra
-    except ImportError:
-        raise InferenceError(f"reading {path} needs the safetensors package: pip install 'dssn[export]'") from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise InferenceError(f"{path} cannot be read as a safetensors file: {err}") from None
+        return read_safetensors(path, extra="'dssn[export]'")
+    except WeightsError as err:
+        raise InferenceError(str(err)) from None
 
 
 def load_for_inference(checkpoint: str | Path, config: str | None = None, overrides: list[str] | None = None,

@@ -31,6 +31,7 @@ __all__ = [
     "load_state_dict",
     "load_state_dict_file",
     "load_weights",
+    "read_safetensors",
     "unwrap_state_dict",
     "weights_format",
 ]
@@ -123,7 +124,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if path.name.endswith(".index.json"):
         return _read_shards(path)
     if weights_format(path) == "safetensors":
-        return unwrap_state_dict(_read_safetensors(path), path)
+        return unwrap_state_dict(read_safetensors(path)[0], path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -145,14 +146,18 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return unwrap_state_dict(obj, path)
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
+def read_safetensors(
+    path: str | os.PathLike[str], extra: str = "safetensors"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the metadata of a ``.safetensors`` file; ``WeightsError`` naming the file if
+    it cannot be read, or naming ``extra`` (what to ``pip install``) if the package is missing."""
     try:
-        from safetensors import SafetensorError  # an optional extra: only these files need it
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open  # an optional extra: only these files need it
     except ImportError:
-        raise WeightsError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+        raise WeightsError(f"reading {path} needs the safetensors package: pip install {extra}") from None
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"{path} cannot be read as a safetensors file: {err}") from None
 
