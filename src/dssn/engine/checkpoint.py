@@ -34,7 +34,7 @@ import torch
 
 from dssn.errors import DssnError
 from dssn.files import atomic_path
-from dssn.models.weights import WeightsError, weights_format
+from dssn.models.weights import WeightsError, unpickling_refusal, weights_format
 
 FORMAT = "dssn-checkpoint-2"
 """The checkpoint layout; it holds the RNG states and the run history an exact resume needs."""
@@ -134,9 +134,9 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
-        reason = match.group(1).split(". ")[0].strip() if match else str(err).splitlines()[0]
-        if not any(word in reason.lower() for word in ("global", "class")):
+        reason, foreign_object = unpickling_refusal(err)
+        reason = reason.splitlines()[0]
+        if not foreign_object:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path} contains pickled Python objects, which could run arbitrary code when loaded, so it "

@@ -32,6 +32,7 @@ __all__ = [
     "load_state_dict_file",
     "load_weights",
     "read_safetensors",
+    "unpickling_refusal",
     "unwrap_state_dict",
     "weights_format",
 ]
@@ -76,10 +77,13 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
-def _unpickling_reason(err: Exception) -> str:
-    """Pull torch's one-line reason out of its long weights-only error."""
+def unpickling_refusal(err: Exception) -> tuple[str, bool]:
+    """torch's one-line reason out of its long weights-only error, and whether it refused a pickled
+    Python object (it names a "global" from torch 2.4 on, a "class" before) rather than bytes that
+    are no pickle at all (e.g. "Unsupported operand")."""
     match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
-    return match.group(1).split(". ")[0].strip() if match else str(err)
+    reason = match.group(1).split(". ")[0].strip() if match else str(err)
+    return reason, any(word in reason.lower() for word in ("global", "class"))
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -128,10 +132,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = _unpickling_reason(err)
-        # torch names the offending object "global" (>= 2.4) or "class" (older);
-        # anything else (e.g. "Unsupported operand") means the file is not a pickle at all.
-        if not any(word in reason.lower() for word in ("global", "class")):
+        reason, foreign_object = unpickling_refusal(err)
+        if not foreign_object:
             raise WeightsError(f"{path} is not a PyTorch weights file ({reason})") from None
         raise WeightsError(
             f"{path} contains pickled Python objects that cannot be loaded safely "
