@@ -10,6 +10,7 @@ import pytest
 
 from dssn.apps import demo
 from dssn.apps.demo import run_demo
+from dssn.errors import TrainingError
 from dssn.viz.paired import paired_by_seed, paired_difference, signed
 
 # Student mIoU by (method, seed). DSSN minus supervised: +2, -1, +5 -> mean 2; deviations 0, -3, 3,
@@ -62,7 +63,7 @@ def test_run_demo_writes_the_paired_comparison(tmp_path, monkeypatch, capsys):
         return SimpleNamespace(final=final, wall_time=1.0, iters=cfg.train.iters, run_dir=Path(cfg.run_dir))
 
     monkeypatch.setattr(demo, "train", fake_train)
-    monkeypatch.setattr(demo, "resolve_synthetic", lambda root, progress: Path(root))
+    monkeypatch.setattr(demo, "dataset_spec", lambda name: SimpleNamespace(resolve_root=lambda root, progress: root))
     monkeypatch.setattr(demo, "compare_runs", lambda paths, out: None)
     out = tmp_path / "demo"
     run_demo(out, seeds=[0, 1, 2], iters=2, data_root=tmp_path / "data", methods=["supervised", "dssn"])
@@ -81,9 +82,29 @@ def test_one_seed_says_there_is_no_standard_error(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "train", lambda cfg: SimpleNamespace(
         final={"student": {"miou": SCORES[cfg.method.name, 0], "per_class": {"background": 1.0}}},
         wall_time=1.0, iters=2, run_dir=Path(cfg.run_dir)))
-    monkeypatch.setattr(demo, "resolve_synthetic", lambda root, progress: Path(root))
+    monkeypatch.setattr(demo, "dataset_spec", lambda name: SimpleNamespace(resolve_root=lambda root, progress: root))
     monkeypatch.setattr(demo, "compare_runs", lambda paths, out: None)
     run_demo(tmp_path / "demo", seeds=[0], iters=2, data_root=tmp_path / "data")
     text = (tmp_path / "demo" / "results.md").read_text()
     assert "| dssn - supervised | +2.00 | +2.00 | - |" in text
     assert "over 1 seed: mean +2.00 points, no standard error from one seed" in text
+
+
+def test_the_task_names_the_preset_and_the_data_folder(tmp_path, monkeypatch):
+    """Each generated dataset is a demo task; its preset trains every run, on data/<task> unless --data says."""
+    assert {"glyphs", "synthetic"} <= set(demo.demo_tasks()) and "pascal" not in demo.demo_tasks()
+    roots, presets = [], []
+    monkeypatch.setattr(demo, "dataset_spec", lambda name: SimpleNamespace(
+        resolve_root=lambda root, progress: roots.append((name, root)) or root))
+    monkeypatch.setattr(demo, "train", lambda cfg: presets.append((cfg.name, cfg.data.root)) or SimpleNamespace(
+        final={"student": {"miou": 1.0, "per_class": {"background": 1.0}}}, wall_time=1.0, iters=2,
+        run_dir=Path(cfg.run_dir)))
+    monkeypatch.setattr(demo, "compare_runs", lambda paths, out: None)
+    monkeypatch.chdir(tmp_path)
+    run_demo(tmp_path / "a", seeds=[0], iters=2, methods=["supervised"])
+    run_demo(tmp_path / "b", seeds=[0], iters=2, methods=["supervised"], task="synthetic", data_root=tmp_path / "d")
+    assert roots == [("glyphs", Path("data/glyphs")), ("synthetic", tmp_path / "d")]
+    assert [name for name, _ in presets] == ["glyphs", "synthetic"]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["task"] == "glyphs"
+    with pytest.raises(TrainingError, match="unknown demo task 'pascal'"):
+        run_demo(tmp_path / "c", task="pascal")

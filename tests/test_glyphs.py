@@ -1,4 +1,4 @@
-"""Tests for the glyph-sign task generator (dssn.apps.glyphs), a candidate demo dataset."""
+"""Tests for the glyph-sign task generator (dssn.apps.glyphs), the demo's dataset."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dssn.apps import glyphs
-from dssn.apps.glyphs import CLASS_NAMES, GENERATOR_VERSION, GlyphDataError, make_glyphs, render_sample
+from dssn.apps.glyphs import (CLASS_NAMES, GENERATOR_VERSION, GlyphDataError, make_glyphs, render_sample,
+                              resolve_glyphs)
 from dssn.config import load_config
 from dssn.constants import IGNORE
 from dssn.data import build_val_dataset, class_names_for
@@ -125,16 +126,32 @@ def test_a_foreign_folder_under_the_key_is_not_written_into(tmp_path: Path) -> N
     assert (tmp_path / key / "notes.txt").read_text() == "mine"
 
 
-def test_the_pascal_loader_reads_it(tiny: Path) -> None:
+def test_the_glyphs_preset_reads_it(tiny: Path) -> None:
+    """data.dataset=glyphs (the demo's preset) and the pascal loader with the class names read the same masks."""
     names = "[" + ",".join(CLASS_NAMES) + "]"
-    cfg = load_config("synthetic", ["data.dataset=pascal", f"data.root={tiny}", f"data.num_classes={len(CLASS_NAMES)}",
-                                    f"data.class_names={names}"])
-    assert class_names_for(cfg) == list(CLASS_NAMES)
-    val = build_val_dataset(cfg)
-    assert len(val) == TINY["num_val"]
     with Image.open(tiny / "SegmentationClass" / "val_00000.png") as mask:
         expected = np.asarray(mask)
-    sample = val[0]
-    target = next(v for v in (sample if isinstance(sample, (tuple, list)) else sample.values())
-                  if hasattr(v, "shape") and tuple(v.shape) == expected.shape)
-    np.testing.assert_array_equal(np.asarray(target), expected)
+    for cfg in (load_config("glyphs", [f"data.root={tiny}"]),
+                load_config("synthetic", ["data.dataset=pascal", f"data.root={tiny}",
+                                          f"data.num_classes={len(CLASS_NAMES)}", f"data.class_names={names}"])):
+        assert class_names_for(cfg) == list(CLASS_NAMES)
+        val = build_val_dataset(cfg)
+        assert len(val) == TINY["num_val"]
+        sample = val[0]
+        target = next(v for v in (sample if isinstance(sample, (tuple, list)) else sample.values())
+                      if hasattr(v, "shape") and tuple(v.shape) == expected.shape)
+        np.testing.assert_array_equal(np.asarray(target), expected)
+
+
+def test_resolve_glyphs_keeps_a_dataset_and_refuses_another_version(tiny: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_glyphs(tiny) == tiny
+    called = []
+    monkeypatch.setattr(glyphs, "make_glyphs", lambda root, progress: called.append(root) or root / "made")
+    assert resolve_glyphs(tmp_path) == tmp_path / "made" and called == [tmp_path]  # no dataset: the default
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((tiny / "dataset.json").read_text())
+    (old / "dataset.json").write_text(json.dumps({**manifest, "version": GENERATOR_VERSION - 1}))
+    with pytest.raises(GlyphDataError, match=f"version {GENERATOR_VERSION - 1}.*data.root"):
+        resolve_glyphs(old)

@@ -42,10 +42,13 @@ from PIL import Image
 
 from dssn.apps.synthetic import write_voc_files
 from dssn.constants import IGNORE
+from dssn.data.catalog import DatasetSpec
 from dssn.data.splits import split_name
+from dssn.data.layouts import voc_pool
 from dssn.errors import DssnError
+from dssn.registry import DATASETS
 
-__all__ = ["CLASS_NAMES", "GENERATOR_VERSION", "make_glyphs", "render_sample"]
+__all__ = ["CLASS_NAMES", "GENERATOR_VERSION", "make_glyphs", "render_sample", "resolve_glyphs"]
 
 #: Bump whenever the files made for the same parameters change: it names the cache folders.
 GENERATOR_VERSION = 4
@@ -211,9 +214,9 @@ def _manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR_ID else None
 
 
-def _write_dataset(folder: Path, params: dict) -> None:
+def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
     """Write the dataset for ``params`` into the empty ``folder``, the manifest last."""
-    counts, labeled, _ = write_voc_files(folder, params, render_sample)
+    counts, labeled, _ = write_voc_files(folder, params, render_sample, progress)
     num_train = params["num_train"]
     manifest = {"generator": _GENERATOR_ID, "version": GENERATOR_VERSION, "params": params,
                 "class_names": list(CLASS_NAMES), "ignore_index": IGNORE,
@@ -226,8 +229,8 @@ class GlyphDataError(DssnError, FileExistsError):
     """A folder in the way of the glyph dataset cache."""
 
 
-def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 512, num_val: int = 192,
-                size: int = 64, labeled_fraction: float = 1 / 16) -> Path:
+def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 2048, num_val: int = 192,
+                size: int = 64, labeled_fraction: float = 1 / 16, progress: bool = False) -> Path:
     """Generate (or reuse) the glyph dataset cached under ``root``; return its folder
     ``root/<key>``, the key naming the generator version and every parameter.
 
@@ -256,7 +259,7 @@ def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int =
     tmp = root / f".{folder.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     try:
-        _write_dataset(tmp, params)
+        _write_dataset(tmp, params, progress)
         try:
             os.rename(tmp, folder)  # atomic; fails if another process renamed its copy first
         except OSError:
@@ -265,3 +268,22 @@ def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def resolve_glyphs(root: str | os.PathLike[str], *, progress: bool = False) -> Path:
+    """The dataset folder that ``data.root`` names for ``data.dataset=glyphs``: ``root``
+    itself when it holds a glyph dataset of this version (a folder ``make_glyphs``
+    returned), otherwise the default dataset cached under ``root``, generated first if absent."""
+    root = Path(root)
+    manifest = _manifest(root)
+    if manifest is None:
+        return make_glyphs(root, progress=progress)
+    if manifest.get("version") != GENERATOR_VERSION:
+        raise GlyphDataError(f"{root} holds a glyph dataset made by generator version {manifest.get('version')}, "
+                             f"and this dssn makes version {GENERATOR_VERSION}: point data.root at its parent "
+                             "folder (the new version is generated beside it) or delete it")
+    return root
+
+
+DATASETS.add("glyphs", DatasetSpec("as pascal; generated under data.root", voc_pool, CLASS_NAMES,
+                                   resolve_root=resolve_glyphs, splits_command=False))
