@@ -1,8 +1,8 @@
-"""A candidate built-in task with room for unlabeled images to help: signs told apart by their glyph.
+"""The demo's task: signs told apart by their glyph, with room for unlabeled images to help.
 
-Why it exists (issue 23, docs/findings-demo-task.md): on the demo's dataset
-(``dssn.data.synthetic``) each class has a fixed local texture, so 1/16 of the labels
-already teaches most of what all labels teach, and self-training has little to add.
+Why it exists (issue 23; docs/findings.md, findings 15 to 17): on the earlier built-in
+dataset (``dssn.apps.synthetic``) each class has a fixed local texture, so 1/16 of the
+labels already teaches most of what all labels teach, and self-training has little to add.
 Here every object is a *sign*: a plate (disc or rounded square, the same for every class)
 tiled with small copies of one hand-drawn digit, and the whole plate is labelled with the
 digit. Colours, plates and strokes are shared by all classes (loose strokes in the
@@ -12,8 +12,8 @@ to full labels. Each sign draws its own hand from a continuous range (vertex jit
 slant, rotation, width, size, stroke weight, spacing, colours), which the labeled split
 covers thinly and the unlabeled pool densely.
 
-Versions 1 to 3 drew one large digit per plate; from scratch, in the demo's 1600
-iterations, the network did not learn them even from all labels (findings-demo-task.md).
+Versions 1 to 3 drew one large digit per plate; from scratch, in the demo's budget, the
+network did not learn them even from all labels (finding 15).
 
 Class balance (tested): each sign's digit is drawn uniformly from the four classes, so
 each class holds about 1/4 of the sign pixels in expectation.
@@ -21,11 +21,10 @@ each class holds about 1/4 of the sign pixels in expectation.
 The dataset is written in the PASCAL VOC layout (``JPEGImages``, palette-PNG
 ``SegmentationClass`` with 255 on a 1-pixel band just outside each plate, split files
 ``splits/<fraction>/{labeled,unlabeled}.txt``, ``splits/full/labeled.txt``,
-``splits/val.txt``), so the ``pascal`` loader reads it with this module's class names:
-``dssn train synthetic data.dataset=pascal data.root=FOLDER data.num_classes=7
-data.class_names=[background,zero,two,four,seven]``. Every image comes from
-its own seed ``(seed, split, index)``, so files do not depend on generation order.
-Not yet the demo's default: it becomes that once DSSN is shown to gain on it.
+``splits/val.txt``). ``data.dataset=glyphs`` (the ``glyphs`` preset, ``dssn demo``)
+generates the default dataset under ``data.root`` or reads a folder ``make_glyphs``
+returned. Every image comes from its own seed ``(seed, split, index)``, so files do not
+depend on generation order.
 """
 
 from __future__ import annotations
