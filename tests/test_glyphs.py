@@ -1,4 +1,4 @@
-"""Tests for the glyph-sign task generator (dssn.apps.glyphs), the demo's dataset."""
+"""Tests for the glyph-sign task generator (dssn.apps.glyphs), the dataset of `dssn demo --task glyphs`."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_a_foreign_folder_under_the_key_is_not_written_into(tmp_path: Path) -> N
 
 
 def test_the_glyphs_preset_reads_it(tiny: Path) -> None:
-    """data.dataset=glyphs (the demo's preset) and the pascal loader with the class names read the same masks."""
+    """data.dataset=glyphs (the glyphs preset) and the pascal loader with the class names read the same masks."""
     names = "[" + ",".join(CLASS_NAMES) + "]"
     with Image.open(tiny / "SegmentationClass" / "val_00000.png") as mask:
         expected = np.asarray(mask)

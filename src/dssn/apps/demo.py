@@ -35,13 +35,13 @@ def demo_tasks() -> list[str]:
 
 def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | None = None,
              data_root: Path | None = None, methods: list[str] = ("supervised", "dssn"),
-             overrides: list[str] = (), task: str = "glyphs") -> list[dict]:
+             overrides: list[str] = (), task: str = "synthetic") -> list[dict]:
     """Train each method on the same 1/16 split for each seed; print and save the table.
 
     ``task`` names a built-in task (:func:`demo_tasks`): the preset of that name and the dataset
-    it generates under ``data_root`` (default ``data/<task>``). ``glyphs`` is the one with
-    room for unlabeled images to help (docs/findings.md, findings 15 on); ``synthetic`` is
-    the earlier demo, kept for comparison.
+    it generates under ``data_root`` (default ``data/<task>``): ``synthetic`` (textures, the
+    default) or ``glyphs`` (signs told apart by a digit, with more room for unlabeled images
+    to help; docs/findings.md, findings 15 to 17).
 
     Every method trains at the preset's learning rate, as the authors' supervised
     baseline does (on the built-in dataset it is also supervised training's best

@@ -1,4 +1,4 @@
-"""The demo's task: signs told apart by their glyph, with room for unlabeled images to help.
+"""A harder demo task: signs told apart by their glyph, with room for unlabeled images to help.
 
 Why it exists (issue 23; docs/findings.md, findings 15 to 17): on the earlier built-in
 dataset (``dssn.apps.synthetic``) each class has a fixed local texture, so 1/16 of the
@@ -21,7 +21,7 @@ each class holds about 1/4 of the sign pixels in expectation.
 The dataset is written in the PASCAL VOC layout (``JPEGImages``, palette-PNG
 ``SegmentationClass`` with 255 on a 1-pixel band just outside each plate, split files
 ``splits/<fraction>/{labeled,unlabeled}.txt``, ``splits/full/labeled.txt``,
-``splits/val.txt``). ``data.dataset=glyphs`` (the ``glyphs`` preset, ``dssn demo``)
+``splits/val.txt``). ``data.dataset=glyphs`` (the ``glyphs`` preset, ``dssn demo --task glyphs``)
 generates the default dataset under ``data.root`` or reads a folder ``make_glyphs``
 returned. Every image comes from its own seed ``(seed, split, index)``, so files do not
 depend on generation order.
