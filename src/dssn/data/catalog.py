@@ -37,8 +37,10 @@ class DatasetSpec:
     """For masks that hold something other than class ids (ADE20K's raw annotations)."""
     prepare: Callable[[Path, PrepareOptions], list[str]] | None = None
     """``dssn prepare NAME ROOT``: writes class-index masks, returns what it did (one line each)."""
-    resolve_root: Callable[[Path], Path] | None = None
-    """``data.root`` -> the dataset folder (the built-in dataset: generated and cached there)."""
+    resolve_root: Callable[..., Path] | None = None
+    """``data.root`` -> the dataset folder for a generated dataset, generated and cached there:
+    called as ``resolve_root(root)`` by training and ``resolve_root(root, progress=True)`` by
+    ``dssn demo``, which offers every dataset that has one as a task."""
     reads_meta: bool = False
     """Described by a ``dataset.yaml`` (``data.meta``); split files optional."""
     splits_command: bool = True
