@@ -32,14 +32,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dssn.apps.synthetic import write_voc_files
+from dssn.apps.synthetic import publish_generated, read_generated_manifest, write_voc_files
 from dssn.constants import IGNORE
 from dssn.data.catalog import DatasetSpec
 from dssn.data.splits import split_name
@@ -206,11 +204,7 @@ def _cache_key(params: dict) -> str:
 
 
 def _manifest(folder: Path) -> dict | None:
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR_ID else None
+    return read_generated_manifest(folder, _GENERATOR_ID)
 
 
 def _write_dataset(folder: Path, params: dict, progress: bool) -> None:
@@ -254,19 +248,7 @@ def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int =
 
     if cached():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, params, progress)
-        try:
-            os.rename(tmp, folder)  # atomic; fails if another process renamed its copy first
-        except OSError:
-            if not cached():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return publish_generated(folder, lambda tmp: _write_dataset(tmp, params, progress), cached)
 
 
 def resolve_glyphs(root: str | os.PathLike[str], *, progress: bool = False) -> Path:

@@ -401,8 +401,9 @@ def _write_split(path: Path, ids: list[str]) -> None:
     path.write_text("".join(_split_line(i) for i in ids))
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    """The manifest of a dataset this module wrote in ``folder``, or None."""
+def read_generated_manifest(folder: Path, generator: str) -> dict | None:
+    """The ``dataset.json`` manifest that ``generator`` wrote in ``folder``, or None. Shared
+    with the demo task generators (``dssn.apps.glyphs``)."""
     path = folder / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -410,9 +411,34 @@ def _read_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if isinstance(manifest, dict) and manifest.get("generator") == _GENERATOR_ID:
+    if isinstance(manifest, dict) and manifest.get("generator") == generator:
         return manifest
     return None
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The manifest of a dataset this module wrote in ``folder``, or None."""
+    return read_generated_manifest(folder, _GENERATOR_ID)
+
+
+def publish_generated(folder: Path, write: Callable[[Path], None], is_cached: Callable[[], bool]) -> Path:
+    """Generate a dataset into ``folder``: ``write`` fills a hidden ``.<name>.<random>.tmp``
+    sibling, which is renamed into place when complete, so ``folder`` is always whole. When
+    another process renamed its copy first, ``is_cached()`` decides whether that copy is
+    accepted. Shared with the demo task generators (``dssn.apps.glyphs``)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, folder)  # atomic; fails if another process renamed its copy first
+        except OSError:
+            if not is_cached():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, unless the rename moved it
+    return folder
 
 
 def _cache_key(params: dict) -> str:
@@ -551,19 +577,8 @@ def make_synthetic(
     _check_cache_root(root)
     if _is_cached(folder, params):
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, params, progress)
-        try:
-            os.rename(tmp, folder)  # atomic; fails if another process renamed its copy first
-        except OSError:
-            if not _is_cached(folder, params):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours, unless the rename moved it
-    return folder
+    return publish_generated(folder, lambda tmp: _write_dataset(tmp, params, progress),
+                             lambda: _is_cached(folder, params))
 
 
 def resolve_synthetic(root: str | os.PathLike[str], *, progress: bool = False) -> Path:
