@@ -56,8 +56,7 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
         raise TrainingError(f"demo folder '{out_dir}' exists and is not empty; pass --out NEW_FOLDER")
     if task not in demo_tasks():
         raise TrainingError(f"unknown demo task '{task}': choose one of {', '.join(demo_tasks())}")
-    preset = load_config(task, [])
-    data_root = dataset_spec(preset.data.dataset).resolve_root(data_root or Path("data") / task, progress=True)
+    data_root = dataset_spec(task).resolve_root(data_root or Path("data") / task, progress=True)
     print(f"dataset: {data_root}")
     rows = []
     for seed in seeds:
