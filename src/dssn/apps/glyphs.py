@@ -222,7 +222,7 @@ class GlyphDataError(DssnError, FileExistsError):
     """A folder in the way of the glyph dataset cache."""
 
 
-def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 2048, num_val: int = 192,
+def make_glyphs(root: str | os.PathLike[str], *, seed: int = 0, num_train: int = 512, num_val: int = 192,
                 size: int = 64, labeled_fraction: float = 1 / 16, progress: bool = False) -> Path:
     """Generate (or reuse) the glyph dataset cached under ``root``; return its folder
     ``root/<key>``, the key naming the generator version and every parameter.

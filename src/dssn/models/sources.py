@@ -8,7 +8,9 @@ a Hugging Face Hub repository (docs/training.md "Encoder weights").
   bar, written under a temporary name and renamed only when complete, and refused if shorter than
   announced or if its SHA-256 does not start with the hash a ``name-<hex>.pth`` file name carries;
 - ``hf:<org>/<repo>[@<revision>]`` through ``huggingface_hub`` (an optional extra), with its own
-  cache, token and offline mode (``HF_HUB_OFFLINE=1``).
+  cache, token and offline mode (``HF_HUB_OFFLINE=1``);
+- a name in ``PACKAGED_WEIGHTS`` is a file shipped inside the package (``dssn/assets``): the demo
+  task's small pretrained encoder, so that the demo needs no download.
 
 Without a network, a name or URL that is not cached fails at once with the address and the path
 to put the file at. Everything else is a local path, returned as it is.
@@ -32,7 +34,8 @@ from tqdm import tqdm
 from dssn.errors import DssnError
 from dssn.files import atomic_path
 
-__all__ = ["PUBLIC_WEIGHTS", "WeightsSourceError", "cache_path", "is_remote", "resolve_weights"]
+__all__ = ["PACKAGED_WEIGHTS", "PUBLIC_WEIGHTS", "WeightsSourceError", "cache_path", "is_remote",
+           "packaged_weights_path", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,11 @@ _DINOV3_REPOS = {
     "dinov3_vith16plus": "dinov3-vith16plus-pretrain-lvd1689m",
     "dinov3_vit7b16": "dinov3-vit7b16-pretrain-lvd1689m",
 }
+# Weights shipped in dssn/assets, by name: name -> file name. Each has its recipe (the module named).
+PACKAGED_WEIGHTS: dict[str, str] = {
+    "glyphs_r18w16_simclr": "glyphs_r18w16_simclr.pt",  # dssn.apps.glyph_encoder
+}
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _URL_SCHEMES = ("https://", "http://", "file://")
 _HF_PREFIX = "hf:"
 # torch.hub's convention: the first hex digits of the file's SHA-256 after the last '-'.
@@ -68,7 +76,13 @@ class WeightsSourceError(DssnError, RuntimeError):
 def is_remote(source: str | os.PathLike[str]) -> bool:
     """Whether ``source`` is a name, URL or ``hf:`` repository rather than a local path."""
     text = str(source)
-    return text.startswith((*_URL_SCHEMES, _HF_PREFIX)) or text in PUBLIC_WEIGHTS or text in _DINOV3_REPOS
+    return (text.startswith((*_URL_SCHEMES, _HF_PREFIX)) or text in PUBLIC_WEIGHTS or text in _DINOV3_REPOS
+            or text in PACKAGED_WEIGHTS)
+
+
+def packaged_weights_path(name: str) -> Path:
+    """Where the package keeps the weights ``PACKAGED_WEIGHTS`` names ``name``."""
+    return _ASSETS / PACKAGED_WEIGHTS[name]
 
 
 def cache_path(url: str) -> Path:
@@ -85,6 +99,8 @@ def resolve_weights(source: str | os.PathLike[str], progress: bool = True) -> Pa
     text = str(source)
     if not is_remote(text) or Path(text).exists():  # a local file wins over a name
         return Path(text).expanduser()
+    if text in PACKAGED_WEIGHTS:
+        return packaged_weights_path(text)
     if text in _DINOV3_REPOS:
         raise WeightsSourceError(
             f"'{text}' has no public address: DINOv3's weights are released behind a request form "
