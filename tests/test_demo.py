@@ -102,9 +102,9 @@ def test_the_task_names_the_preset_and_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "compare_runs", lambda paths, out: None)
     monkeypatch.chdir(tmp_path)
     run_demo(tmp_path / "a", seeds=[0], iters=2, methods=["supervised"])
-    run_demo(tmp_path / "b", seeds=[0], iters=2, methods=["supervised"], task="glyphs", data_root=tmp_path / "d")
-    assert roots == [("synthetic", Path("data/synthetic")), ("glyphs", tmp_path / "d")]
-    assert [name for name, _ in presets] == ["synthetic", "glyphs"]
-    assert json.loads((tmp_path / "a" / "results.json").read_text())["task"] == "synthetic"
+    run_demo(tmp_path / "b", seeds=[0], iters=2, methods=["supervised"], task="synthetic", data_root=tmp_path / "d")
+    assert roots == [("glyphs", Path("data/glyphs")), ("synthetic", tmp_path / "d")]
+    assert [name for name, _ in presets] == ["glyphs", "synthetic"]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["task"] == "glyphs"
     with pytest.raises(TrainingError, match="unknown demo task 'pascal'"):
         run_demo(tmp_path / "c", task="pascal")

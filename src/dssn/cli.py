@@ -467,16 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="supervised vs DSSN on a built-in task, in minutes on a CPU",
-                       description="Builds the task's dataset if absent (--task: synthetic, shapes told apart "
-                                   "by texture, or glyphs, signs told apart by a hand-drawn digit), "
+                       description="Builds the task's dataset if absent (--task: glyphs, signs told apart by a "
+                                   "hand-drawn digit, from a small pretrained encoder; or synthetic, shapes "
+                                   "told apart by texture, from scratch), "
                                    "trains 'supervised' and 'dssn' on the same 1/16 labeled split with the same "
                                    "iteration budget and learning rate, evaluates both and prints a table "
                                    "(also written to OUT/results.md and .json). Each method's student is also "
                                    "compared with supervised seed by seed: the differences, their mean and its "
                                    "standard error (sample standard deviation / sqrt(seeds)).")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and table (default runs/demo)")
-    p.add_argument("--task", default="synthetic", choices=[n for n in DATASETS if DATASETS[n].resolve_root],
-                   help="the built-in task: its preset and generated dataset (default synthetic)")
+    p.add_argument("--task", default="glyphs", choices=[n for n in DATASETS if DATASETS[n].resolve_root],
+                   help="the built-in task: its preset and generated dataset (default glyphs)")
     p.add_argument("--data", default=None,
                    help="where the task's dataset is cached (default data/TASK)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
