@@ -499,7 +499,7 @@ def write_voc_files(
     pixel_counts = np.zeros(256, dtype=np.int64)
     ids = {"train": _sample_ids("train", num_train), "val": _sample_ids("val", params["num_val"])}
     jobs = [(split, i, sample_id) for split in ids for i, sample_id in enumerate(ids[split])]
-    for split, index, sample_id in tqdm(jobs, desc="synthetic dataset", unit="img", disable=not progress):
+    for split, index, sample_id in tqdm(jobs, desc="generating images", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
         image, labels = render(rng, params["size"])
         Image.fromarray(image).save(folder / "JPEGImages" / f"{sample_id}.jpg", quality=_JPEG_QUALITY)
