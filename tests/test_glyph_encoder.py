@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dssn.apps.glyph_encoder import (ENCODER_NAME, Recipe, knn_probe, load_images, load_masks, nt_xent,
-                                     pretrain_encoder, simclr_views)
-from dssn.apps.glyphs import make_glyphs
+from dssn.apps.glyph_encoder import (ENCODER_NAME, TRAINED_ON_VERSION, Recipe, knn_probe, load_images, load_masks,
+                                     nt_xent, pretrain_encoder, simclr_views)
+from dssn.apps.glyphs import GENERATOR_VERSION, make_glyphs
 from dssn.config import load_config
 from dssn.models import build_backbone, build_model
 from dssn.models.sources import is_remote, packaged_weights_path, resolve_weights
@@ -94,3 +94,9 @@ def test_the_packaged_encoder_names_signs_far_above_a_random_one(signs):
     random = build_backbone("resnet18", 16, 16)
     assert knn_probe(pretrained.eval(), support, query, num_classes=5) > 0.40
     assert knn_probe(random.eval(), support, query, num_classes=5) < 0.34
+
+
+def test_the_encoder_was_trained_on_this_generator_version():
+    """A new generator version draws other images: retrain the file (python -m dssn.apps.glyph_encoder)
+    and update TRAINED_ON_VERSION with it."""
+    assert TRAINED_ON_VERSION == GENERATOR_VERSION

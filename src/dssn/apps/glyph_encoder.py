@@ -38,12 +38,16 @@ from dssn.models import build_backbone
 from dssn.models.resnet import ResNet
 from dssn.models.sources import packaged_weights_path
 
-__all__ = ["ENCODER_NAME", "Recipe", "knn_probe", "load_images", "load_masks", "pretrain_encoder", "simclr_views"]
+__all__ = ["ENCODER_NAME", "TRAINED_ON_VERSION", "Recipe", "knn_probe", "load_images", "load_masks", "nt_xent",
+           "pretrain_encoder", "simclr_views"]
 
 logger = logging.getLogger(__name__)
 
 #: The name the ``glyphs`` preset gives ``model.pretrained`` (dssn.models.sources.PACKAGED_WEIGHTS).
 ENCODER_NAME = "glyphs_r18w16_simclr"
+#: The glyph generator version whose images the shipped file was trained on: a new version
+#: changes the images, so the file is retrained with it (a test holds the two together).
+TRAINED_ON_VERSION = 4
 
 
 class Recipe:
