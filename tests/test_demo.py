@@ -108,3 +108,24 @@ def test_the_task_names_the_preset_and_the_data_folder(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "a" / "results.json").read_text())["task"] == "glyphs"
     with pytest.raises(TrainingError, match="unknown demo task 'pascal'"):
         run_demo(tmp_path / "c", task="pascal")
+
+
+def test_a_stopped_demo_keeps_the_runs_that_finished(tmp_path, monkeypatch):
+    """results.json and results.md are rewritten after every run, so Ctrl-C (or a crash) in the third
+    run leaves the first two and their paired difference."""
+    def fake_train(cfg):
+        if cfg.train.seed == 1:
+            raise KeyboardInterrupt
+        score = SCORES[cfg.method.name, cfg.train.seed]
+        final = {"student": {"miou": score, "per_class": {"background": score}}}
+        return SimpleNamespace(final=final, wall_time=1.0, iters=cfg.train.iters, run_dir=Path(cfg.run_dir))
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(demo, "dataset_spec", lambda name: SimpleNamespace(resolve_root=lambda root, progress: root))
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out, seeds=[0, 1], iters=2, data_root=tmp_path / "data", methods=["supervised", "dssn"])
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("supervised", 0), ("dssn", 0)]
+    assert results["paired"]["dssn"]["mean"] == pytest.approx(SCORES["dssn", 0] - SCORES["supervised", 0])
+    assert "| dssn |" in (out / "results.md").read_text()

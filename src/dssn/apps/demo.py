@@ -27,6 +27,19 @@ def _table(rows: list[dict], class_names: list[str]) -> str:
                            for r in rows])
 
 
+def _write_results(out_dir: Path, task: str, rows: list[dict]) -> str:
+    """Write ``results.md`` and ``results.json`` for the runs so far; return the table."""
+    table = _table(rows, list(rows[0]["per_class"]))
+    paired = paired_by_seed(rows)
+    if paired:
+        table += "\n\n" + paired_table(paired) + "\n\n" + "\n".join(paired_lines(paired))
+    machine = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    atomic_write_text(out_dir / "results.md", f"# dssn demo: {task}\n\n{machine}\n\n{table}\n")
+    atomic_write_text(out_dir / "results.json", json.dumps({"task": task, "runs": rows, "paired": paired}, indent=2))
+    return table
+
+
 def demo_tasks() -> list[str]:
     """The built-in tasks ``dssn demo`` runs: each generated dataset (one with a
     ``resolve_root`` in the dataset registry) and the preset of the same name."""
@@ -49,7 +62,8 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
     for every method, so each row is the same network trained for the same number of
     iterations; DSSN's EMA teacher is shown beside it. With the supervised baseline among
     ``methods``, every other method's student is also compared with it seed by seed
-    (:func:`paired_by_seed`), in the table and in ``results.json`` (``{"runs", "paired"}``).
+    (:func:`paired_by_seed`), in the table and in ``results.json`` (``{"runs", "paired"}``),
+    both rewritten after every run so that a stopped demo keeps the runs that finished.
     """
     out_dir = out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -72,15 +86,7 @@ def run_demo(out_dir: Path | None = None, seeds: list[int] = (0,), iters: int | 
                          "teacher_miou": teacher["miou"] if teacher else None,
                          "per_class": student["per_class"], "wall_time": result.wall_time,
                          "iters": result.iters, "run_dir": str(result.run_dir)})
-    class_names = list(rows[0]["per_class"])
-    table = _table(rows, class_names)
-    paired = paired_by_seed(rows)
-    if paired:
-        table += "\n\n" + paired_table(paired) + "\n\n" + "\n".join(paired_lines(paired))
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    atomic_write_text(out_dir / "results.md", f"# dssn demo: {task}\n\n{machine}\n\n{table}\n")
-    atomic_write_text(out_dir / "results.json",
-                      json.dumps({"task": task, "runs": rows, "paired": paired}, indent=2))
+            table = _write_results(out_dir, task, rows)  # after every run: a stopped demo keeps what finished
     print("\n" + table)
     print(f"\nwritten: {out_dir / 'results.md'}")
     print()
