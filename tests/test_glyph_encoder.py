@@ -14,6 +14,7 @@ from dssn.apps.glyphs import GENERATOR_VERSION, make_glyphs
 from dssn.config import load_config
 from dssn.models import build_backbone, build_model
 from dssn.models.sources import is_remote, packaged_weights_path, resolve_weights
+from dssn.models.weights import load_backbone_weights
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,7 @@ def test_the_packaged_encoder_names_signs_far_above_a_random_one(signs):
     random initialisation stays near chance (25 to 29% over three initialisations)."""
     support, query = _split(signs, "splits/1_4/labeled.txt"), _split(signs, "splits/val.txt")
     pretrained = build_backbone("resnet18", 16, 16)
-    state = torch.load(resolve_weights(ENCODER_NAME), weights_only=True)
-    pretrained.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    load_backbone_weights(pretrained, ENCODER_NAME)
     torch.manual_seed(0)
     random = build_backbone("resnet18", 16, 16)
     assert knn_probe(pretrained.eval(), support, query, num_classes=5) > 0.40

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dssn.apps.glyphs import make_glyphs
+from dssn.data import read_split
 from dssn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dssn.files import atomic_path
 from dssn.models import build_backbone
@@ -65,9 +66,8 @@ class Recipe:
     seed = 0
 
 
-def _split_pairs(folder: Path, split_file: str) -> list[tuple[Path, Path]]:
-    lines = (folder / split_file).read_text().splitlines()
-    return [(folder / image, folder / mask) for image, mask in (line.split() for line in lines if line.strip())]
+def _split_pairs(folder: Path, split_file: str) -> list[tuple[Path, Path | None]]:
+    return [(folder / image, mask and folder / mask) for image, mask in read_split(folder / split_file)]
 
 
 def load_images(folder: Path, split_file: str) -> Tensor:
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, tmp)
     support = (load_images(folder, "splits/1_16/labeled.txt"), load_masks(folder, "splits/1_16/labeled.txt"))
     query = (load_images(folder, "splits/val.txt"), load_masks(folder, "splits/val.txt"))
-    accuracy = knn_probe(backbone.float(), support, query, num_classes=5)
+    accuracy = knn_probe(backbone, support, query, num_classes=5)
     print(f"wrote {args.out}; k-NN probe on validation signs: {100 * accuracy:.1f}% (chance 25%)")
 
 
